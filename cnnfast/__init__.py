@@ -1,0 +1,31 @@
+"""cnnfast: hand-written CUDA and CPU kernels for small CNNs, under a PyTorch-shaped autograd.
+
+    import cnnfast
+    from cnnfast import nn, functional as F, optim
+
+Importing cnnfast is cheap: NumPy only. Kernel paths (Numba, CuPy) load on first use.
+"""
+
+from cnnfast import functional, nn, optim
+from cnnfast.dispatch import cpu_path, cuda_available, get_cpu_path, set_cpu_path
+from cnnfast.rng import manual_seed
+from cnnfast.tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Tensor",
+    "__version__",
+    "cpu_path",
+    "cuda_available",
+    "enable_grad",
+    "functional",
+    "get_cpu_path",
+    "is_grad_enabled",
+    "manual_seed",
+    "nn",
+    "no_grad",
+    "optim",
+    "set_cpu_path",
+    "tensor",
+]

@@ -1,0 +1,1 @@
+"""Fast CPU kernels: Numba and BLAS through NumPy (contract in cnnfast.dispatch)."""

@@ -1,0 +1,204 @@
+"""Device arrays, streams and launch settings shared by the Numba CUDA kernels.
+
+On a GPU the kernels take and return CuPy arrays: inputs are wrapped for Numba with
+``cuda.as_cuda_array`` (no synchronisation), outputs are allocated by CuPy, and every launch goes
+on CuPy's current stream, so a sequence of ops queues up without a host sync. In Numba's CUDA
+simulator (``NUMBA_ENABLE_CUDASIM=1``) the arrays are NumPy arrays and are passed as they are.
+CuPy is imported only when a CuPy array arrives.
+
+Kernels are built by factories cached with ``functools.lru_cache`` on (tile configuration,
+dtype, ...): each factory returns one ``cuda.jit`` dispatcher whose tile sizes are closure
+constants, compiled on its first launch and never again. Nothing compiles at import.
+
+Launch settings (:class:`LaunchConfig`): the GEMM tiles of the convolution kernels and the
+block size of the elementwise, pooling and reduction kernels. The defaults are chosen for a GPU;
+:func:`launch_config` switches them for a block of code (tests use :data:`SMALL_TILES` in the
+simulator, which runs one Python thread per CUDA thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+import numpy as np
+from numba import cuda
+
+from cnnfast.dispatch import is_cupy_array
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative ints."""
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTiles:
+    """Tile shape of the implicit-GEMM convolution kernels.
+
+    A block computes a ``block_m`` x ``block_n`` tile of the GEMM output, stepping through the
+    reduction in slices ``block_k`` deep staged in shared memory; each thread holds a
+    ``micro_m`` x ``micro_n`` micro-tile of accumulators in registers, so a block has
+    (block_m / micro_m) * (block_n / micro_n) threads. The loaders need every thread to move the
+    same number of elements per slice with a fixed row (or reduction) index, hence the checks.
+    """
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 16
+    micro_m: int = 4
+    micro_n: int = 4
+
+    def __post_init__(self):
+        bm, bn, bk = self.block_m, self.block_n, self.block_k
+        if bm % self.micro_m or bn % self.micro_n:
+            raise ValueError(f"micro-tile must divide the block tile, got {self}")
+        t = self.threads
+        if t % bm or t % bk or (bm * bk) % t or (bn * bk) % t or t > 1024:
+            raise ValueError(
+                f"tiles {self}: the thread count {t} must be a multiple of block_m and block_k, "
+                f"divide block_m * block_k and block_n * block_k, and be at most 1024"
+            )
+
+    @property
+    def threads_m(self) -> int:
+        return self.block_m // self.micro_m
+
+    @property
+    def threads_n(self) -> int:
+        return self.block_n // self.micro_n
+
+    @property
+    def threads(self) -> int:
+        return self.threads_m * self.threads_n
+
+
+GPU_TILES = GemmTiles()  # 64 x 64 output tile, 16-deep slices, 256 threads with 4 x 4 each
+SMALL_TILES = GemmTiles(block_m=8, block_n=8, block_k=4, micro_m=2, micro_n=2)  # 16 threads
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Launch settings: conv GEMM ``tiles`` and ``threads`` per block of the other kernels."""
+
+    tiles: GemmTiles = GPU_TILES
+    threads: int = 256
+
+    def __post_init__(self):
+        t = self.threads
+        if t < 1 or t > 1024 or t & (t - 1):
+            raise ValueError(f"threads must be a power of two in [1, 1024], got {t}")
+
+
+_config = LaunchConfig()
+
+
+def current_config() -> LaunchConfig:
+    return _config
+
+
+@contextlib.contextmanager
+def launch_config(tiles: GemmTiles | None = None, threads: int | None = None):
+    """Run the block with other launch settings (results agree to rounding, not bitwise)."""
+    global _config
+    previous = _config
+    _config = LaunchConfig(tiles=previous.tiles if tiles is None else tiles,
+                           threads=previous.threads if threads is None else threads)
+    try:
+        yield _config
+    finally:
+        _config = previous
+
+
+# --- arrays ---------------------------------------------------------------------------------
+
+def xp_of(a):
+    """NumPy, or CuPy for a CuPy array."""
+    if is_cupy_array(a):
+        import cupy
+
+        return cupy
+    return np
+
+
+def flat(a):
+    """A C-contiguous 1-D view (or copy) of ``a``; kernels index flat with int64 offsets."""
+    return xp_of(a).ascontiguousarray(a).reshape(-1)
+
+
+def empty(shape, dtype, like):
+    """An uninitialised array on the device of ``like``."""
+    return xp_of(like).empty(shape, dtype=dtype)
+
+
+def zeros(shape, dtype, like):
+    return xp_of(like).zeros(shape, dtype=dtype)
+
+
+def to_device_like(host: np.ndarray, like):
+    """A host array copied to the device of ``like`` (small tables only)."""
+    return xp_of(like).asarray(host)
+
+
+# --- launches -------------------------------------------------------------------------------
+
+_streams: dict[int, object] = {}
+
+
+def _current_stream():
+    """Numba's handle on CuPy's current stream (0, Numba's default stream, for CuPy's null one)."""
+    import cupy
+
+    ptr = cupy.cuda.get_current_stream().ptr
+    if ptr == 0:
+        return 0
+    stream = _streams.get(ptr)
+    if stream is None:
+        stream = _streams[ptr] = cuda.external_stream(ptr)
+    return stream
+
+
+def _as_kernel_arg(a):
+    if is_cupy_array(a):
+        # CuPy's stream is the launch stream, so Numba need not synchronise on it.
+        return cuda.as_cuda_array(a, sync=False)
+    return a
+
+
+def launch(kernel, grid, block, *args) -> None:
+    """``kernel[grid, block](*args)`` on CuPy's current stream (or in the simulator)."""
+    if any(is_cupy_array(a) for a in args):
+        kernel[grid, block, _current_stream()](*[_as_kernel_arg(a) for a in args])
+    else:
+        kernel[grid, block](*args)
+
+
+@functools.lru_cache(maxsize=None)
+def nb_type(dtype: np.dtype):
+    """The Numba type of a NumPy dtype (for ``cuda.local.array`` / ``cuda.shared.array``)."""
+    from numba import from_dtype
+
+    return from_dtype(np.dtype(dtype))
+
+
+_tables: dict = {}
+
+
+def cached_table(key: tuple, build, like):
+    """A small read-only index table (built on the host by ``build()``) on ``like``'s device.
+
+    Built and copied once per ``key`` and device, so the copy stays off the per-launch path.
+    """
+    if is_cupy_array(like):
+        import cupy
+
+        full_key = (key, cupy.cuda.Device().id)
+    else:
+        full_key = (key, -1)
+    table = _tables.get(full_key)
+    if table is None:
+        if len(_tables) >= 256:
+            _tables.clear()
+        table = _tables[full_key] = to_device_like(build(), like)
+    return table

@@ -1,0 +1,612 @@
+"""Medical image datasets: MedMNIST v2 ``.npz`` files, their download, and a batch ``DataLoader``.
+
+A dataset is three splits (train / val / test) of images, channels first, plus a task:
+
+=========================  ==========================  ======================================
+task                       labels ``(N, L)`` int64     model output and loss
+=========================  ==========================  ======================================
+``"binary-class"``         ``L == 1``, values 0 or 1   2 logits, softmax + cross-entropy
+``"multi-class"``          ``L == 1``, values 0..K-1   K logits, softmax + cross-entropy
+``"multi-label, binary-    ``L`` labels, each 0 or 1   L logits, sigmoid + BCE per label
+class"``
+=========================  ==========================  ======================================
+
+The task strings are MedMNIST's own (``medmnist.INFO[name]["task"]``); ``"ordinal-regression"``
+(RetinaMNIST) is trained and scored as multi-class, as the MedMNIST benchmark does.
+
+Images are ``(N, C, H, W)`` for 2D and ``(N, C, D, H, W)`` for 3D, kept in the file's dtype
+(``uint8`` for MedMNIST) until a batch is drawn; :class:`Normalization` turns a batch into float32
+the way MedMNIST's reference training does (``ToTensor`` then ``Normalize(0.5, 0.5)`` for 2D,
+``x / 255`` for 3D).
+
+MedMNIST files hold ``train_images``, ``val_images``, ``test_images`` and the matching ``_labels``
+arrays: 2D grey ``N x H x W``, 2D RGB ``N x H x W x 3``, 3D ``N x D x H x W``, labels ``N x L``.
+Files written by :func:`save_npz` may also hold ``task`` and ``label_names``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+BINARY = "binary-class"
+MULTICLASS = "multi-class"
+MULTILABEL = "multi-label, binary-class"
+ORDINAL = "ordinal-regression"
+TASKS = (BINARY, MULTICLASS, MULTILABEL, ORDINAL)
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """A data file or dataset name that cannot be used; the message says what and why."""
+
+
+class DownloadError(RuntimeError):
+    """A download that failed (offline, HTTP error, wrong checksum); the message says what to do."""
+
+
+# --- the MedMNIST registry ----------------------------------------------------------------------
+# URLs and MD5 sums are those of the ``medmnist`` package (medmnist/info.py, v3.0.2), which point
+# at the MedMNIST+ Zenodo record 10519652 (sizes 28, 64, 128, 224; 3D sets have 28 and 64 only).
+
+MEDMNIST_URL = "https://zenodo.org/records/10519652/files"
+_ORGAN_LABELS = ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right",
+                 "liver", "lung-left", "lung-right", "pancreas", "spleen")
+
+
+@dataclass(frozen=True)
+class MedMNISTInfo:
+    """What the MedMNIST record says about one dataset."""
+
+    name: str
+    task: str
+    n_channels: int
+    spatial_dims: int
+    label_names: tuple[str, ...]
+    md5: dict[int, str]  # image size -> MD5 of ``{name}.npz`` / ``{name}_{size}.npz``
+
+    def filename(self, size: int = 28) -> str:
+        return f"{self.name}.npz" if size == 28 else f"{self.name}_{size}.npz"
+
+    def url(self, size: int = 28, base_url: str | None = None) -> str:
+        return f"{(base_url or MEDMNIST_URL).rstrip('/')}/{self.filename(size)}?download=1"
+
+
+def _info(name, task, n_channels, spatial_dims, labels, md5s):
+    sizes = (28, 64, 128, 224) if spatial_dims == 2 else (28, 64)
+    return name, MedMNISTInfo(name, task, n_channels, spatial_dims, tuple(labels),
+                              dict(zip(sizes, md5s)))
+
+
+MEDMNIST: dict[str, MedMNISTInfo] = dict([
+    _info("pathmnist", MULTICLASS, 3, 2,
+          ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
+           "normal colon mucosa", "cancer-associated stroma",
+           "colorectal adenocarcinoma epithelium"),
+          ("a8b06965200029087d5bd730944a56c1", "55aa9c1e0525abe5a6b9d8343a507616",
+           "ac42d08fb904d92c244187169d1fd1d9", "2c51a510bcdc9cf8ddb2af93af1eadec")),
+    _info("chestmnist", MULTILABEL, 1, 2,
+          ("atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule",
+           "pneumonia", "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis",
+           "pleural", "hernia"),
+          ("02c8a6516a18b556561a56cbdd36c4a8", "9de6cd0b934ebb5b7426cfba5efbae16",
+           "db107e5590b27930b62dbaf558aebee3", "45bd33e6f06c3e8cdb481c74a89152aa")),
+    _info("dermamnist", MULTICLASS, 3, 2,
+          ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+           "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+           "vascular lesions"),
+          ("0744692d530f8e62ec473284d019b0c7", "b70a2f5635c6199aeaa28c31d7202e1f",
+           "2defd784463fa5243564e855ed717de1", "8974907d8e169bef5f5b96bc506ae45d")),
+    _info("octmnist", MULTICLASS, 1, 2,
+          ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
+          ("c68d92d5b585d8d81f7112f81e2d0842", "e229e9440236b774d9f0dfef9d07bdaf",
+           "0a97e76651ace45c5d943ee3f65b63ae", "abc493b6d529d5de7569faaef2773ba3")),
+    _info("pneumoniamnist", BINARY, 1, 2, ("normal", "pneumonia"),
+          ("28209eda62fecd6e6a2d98b1501bb15f", "8f4eceb4ccffa70c672198ea285246c6",
+           "05b46931834c231683c68f40c47b2971", "d6a3c71de1b945ea11211b03746c1fe1")),
+    _info("retinamnist", ORDINAL, 3, 2, ("0", "1", "2", "3", "4"),
+          ("bd4c0672f1bba3e3a89f0e4e876791e4", "afda852cc34dcda56f86ad2b2457dbcc",
+           "e48e916a24454daf90583d4e6efb1a18", "eae7e3b6f3fcbda4ae613ebdcbe35348")),
+    _info("breastmnist", BINARY, 1, 2, ("malignant", "normal, benign"),
+          ("750601b1f35ba3300ea97c75c52ff8f6", "742edef2a1fd1524b2efff4bd7ba9364",
+           "363e4b3f8d712e9b5de15470a2aaadf1", "b56378a6eefa9fed602bb16d192d4c8b")),
+    _info("bloodmnist", MULTICLASS, 3, 2,
+          ("basophil", "eosinophil", "erythroblast",
+           "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)", "lymphocyte",
+           "monocyte", "neutrophil", "platelet"),
+          ("7053d0359d879ad8a5505303e11de1dc", "2b94928a2ae4916078ca51e05b6b800b",
+           "adace1e0ed228fccda1f39692059dd4c", "b718ff6835fcbdb22ba9eacccd7b2601")),
+    _info("tissuemnist", MULTICLASS, 1, 2,
+          ("Collecting Duct, Connecting Tubule", "Distal Convoluted Tubule",
+           "Glomerular endothelial cells", "Interstitial endothelial cells", "Leukocytes",
+           "Podocytes", "Proximal Tubule Segments", "Thick Ascending Limb"),
+          ("ebe78ee8b05294063de985d821c1c34b", "123ece2eba09d0aa5d698fda57103344",
+           "61b955355d7425a89687b06cca3ce0c2", "b077128c4a949f0a4eb01517f9037b9c")),
+    _info("organamnist", MULTICLASS, 1, 2, _ORGAN_LABELS,
+          ("68e3f8846a6bd62f0c9bf841c0d9eacc", "2dcccc29b88e6da5a01161ef20cda288",
+           "eeae80d0a227a8d099027e1b3cfd3b60", "50747347e05c87dd3aaf92c49f9f3170")),
+    _info("organcmnist", MULTICLASS, 1, 2, _ORGAN_LABELS,
+          ("b9ceb9546e10131b32923c5bbeaea2b1", "3ce34a8724ea6f548e6db4744d03b6a9",
+           "773c1f009daa3fe5d9a2a201b2a7ed94", "050f5e875dc056f6768abf94ec9995d1")),
+    _info("organsmnist", MULTICLASS, 1, 2, _ORGAN_LABELS,
+          ("9ab87b696fb54e2a387ebe992d6ed5f1", "53a6d115339d874c25e309a994ff46d3",
+           "ded0c5fa01a95dc4978b956f613e9b8e", "b354719e553fbbb2513d5533f52a4cb1")),
+    _info("organmnist3d", MULTICLASS, 1, 3,
+          ("liver", "kidney-right", "kidney-left", "femur-right", "femur-left", "bladder",
+           "heart", "lung-right", "lung-left", "spleen", "pancreas"),
+          ("a0c5a1ff56af4f155c46d46fbb45a2fe", "58a2205adf14a9d0a189cb06dc78bf10")),
+    _info("nodulemnist3d", BINARY, 1, 3, ("benign", "malignant"),
+          ("8755a7e9e05a4d9ce80a24c3e7a256f3", "c47c5b7d457bf6332200d2ea6d64ecd8")),
+    _info("adrenalmnist3d", BINARY, 1, 3, ("normal", "hyperplasia"),
+          ("bbd3c5a5576322bc4cdfea780653b1ce", "17721accfe9fb005146a47d33bc54b2f")),
+    _info("fracturemnist3d", MULTICLASS, 1, 3,
+          ("buckle rib fracture", "nondisplaced rib fracture", "displaced rib fracture"),
+          ("6aa7b0143a6b42da40027a9dda61302f", "f01d7e6316aedf4210da0da5b7437b42")),
+    _info("vesselmnist3d", BINARY, 1, 3, ("vessel", "aneurysm"),
+          ("b41fd4f7e7e2feedddb201585ecafa1b", "6bb274a8846e1097066dcd64e2c4520f")),
+    _info("synapsemnist3d", BINARY, 1, 3, ("inhibitory synapse", "excitatory synapse"),
+          ("1235b78a3cd6280881dd7850a78eadb6", "43bd14ebf3af9d3dd072446fedc14d5e")),
+])
+
+
+# --- containers -----------------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    """One split: ``images`` ``(N, C, H, W)`` or ``(N, C, D, H, W)``, ``labels`` ``(N, L)`` int64."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class MedicalDataset:
+    """Train / val / test splits with the task they are labelled for.
+
+    ``label_names`` has one entry per class (binary and multi-class) or per label (multi-label).
+    ``normalization`` says how to turn a batch of raw images into the model's float32 input.
+    """
+
+    train: Split
+    val: Split
+    test: Split
+    task: str
+    label_names: list[str]
+    name: str = "dataset"
+    normalization: "Normalization" = field(default=None)  # type: ignore[assignment]
+    synthetic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.normalization is None:
+            self.normalization = Normalization.medmnist(self.spatial_dims, self.train.images.dtype)
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        return getattr(self, name)
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.train.images.ndim - 2
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The spatial shape ``(H, W)`` or ``(D, H, W)``."""
+        return tuple(int(s) for s in self.train.images.shape[2:])
+
+    @property
+    def num_outputs(self) -> int:
+        """How many logits a model needs: classes (binary: 2) or labels (multi-label)."""
+        return len(self.label_names)
+
+    def summary(self) -> str:
+        sizes = ", ".join(f"{s} {len(self.split(s))}" for s in SPLITS)
+        shape = "x".join(str(s) for s in self.image_shape)
+        kind = " (synthetic)" if self.synthetic else ""
+        return (f"{self.name}{kind}: {self.task}, {self.num_outputs} "
+                f"{'labels' if self.task == MULTILABEL else 'classes'}, "
+                f"{self.in_channels} x {shape} images; {sizes}")
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """``x -> (x * scale - mean) / std``, per batch, in float32 (``mean``/``std`` scalars)."""
+
+    scale: float = 1.0 / 255.0
+    mean: float = 0.5
+    std: float = 0.5
+
+    @classmethod
+    def medmnist(cls, spatial_dims: int, dtype=np.uint8) -> "Normalization":
+        """MedMNIST's reference recipe: 2D ``(x/255 - 0.5) / 0.5``; 3D ``x/255``.
+
+        Float images are taken to be in ``[0, 1]`` already (no division by 255).
+        """
+        scale = 1.0 / 255.0 if np.dtype(dtype) == np.uint8 else 1.0
+        if spatial_dims == 3:
+            return cls(scale, 0.0, 1.0)
+        return cls(scale, 0.5, 0.5)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = images.astype(np.float32) * np.float32(self.scale)
+        return (x - np.float32(self.mean)) / np.float32(self.std)
+
+    def to_dict(self) -> dict:
+        return {"scale": self.scale, "mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Normalization":
+        return cls(float(d["scale"]), float(d["mean"]), float(d["std"]))
+
+
+# --- loading and validation ---------------------------------------------------------------------
+
+def channels_first(images: np.ndarray, spatial_dims: int | None = None, what: str = "images"
+                   ) -> np.ndarray:
+    """MedMNIST layout -> ``(N, C, *S)``.
+
+    ``N x H x W`` -> ``(N, 1, H, W)``; ``N x H x W x 3`` -> ``(N, 3, H, W)`` (RGB);
+    ``N x D x H x W`` -> ``(N, 1, D, H, W)``. A rank-4 array whose last axis is 3 is read as 2D
+    RGB unless ``spatial_dims=3`` says otherwise.
+    """
+    if images.ndim == 3 and spatial_dims in (None, 2):
+        return images[:, None]
+    if images.ndim == 4:
+        rgb = images.shape[-1] == 3 if spatial_dims is None else spatial_dims == 2
+        if rgb:
+            if images.shape[-1] not in (1, 3):
+                raise DataError(f"{what}: a 2D array N x H x W x C needs C of 1 or 3, got shape "
+                                f"{images.shape}")
+            return np.ascontiguousarray(np.moveaxis(images, -1, 1))
+        return images[:, None]
+    expected = {None: "N x H x W, N x H x W x 3 or N x D x H x W", 2: "N x H x W or N x H x W x 3",
+                3: "N x D x H x W"}[spatial_dims]
+    raise DataError(f"{what}: expected images of shape {expected}, got rank {images.ndim} "
+                    f"shape {images.shape}")
+
+
+def infer_task(labels: Sequence[np.ndarray]) -> str:
+    """Guess a task from label arrays ``(N, L)``: several columns -> multi-label, else binary when
+    the values are 0/1 and multi-class otherwise."""
+    first = labels[0]
+    if first.shape[1] > 1:
+        return MULTILABEL
+    top = max(int(lab.max()) if lab.size else 0 for lab in labels)
+    return BINARY if top <= 1 else MULTICLASS
+
+
+def check_labels(labels: np.ndarray, task: str, n_outputs: int, what: str = "labels"
+                 ) -> np.ndarray:
+    """Validate and return labels as ``(N, L)`` int64 for ``task`` with ``n_outputs`` classes or
+    labels; raise :class:`DataError` naming the bad value otherwise."""
+    labels = np.asarray(labels)
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if labels.ndim != 2:
+        raise DataError(f"{what}: expected shape N x L, got {labels.shape}")
+    if labels.dtype.kind == "f":
+        if labels.size and not np.all(np.isfinite(labels) & (labels == np.round(labels))):
+            raise DataError(f"{what}: expected integer labels, got non-integer floats")
+    elif labels.dtype.kind not in "iub":
+        raise DataError(f"{what}: expected integer labels, got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if task == MULTILABEL:
+        if labels.shape[1] != n_outputs:
+            raise DataError(f"{what}: a multi-label task with {n_outputs} labels needs N x "
+                            f"{n_outputs} labels, got {labels.shape}")
+        top = 1
+    else:
+        if labels.shape[1] != 1:
+            raise DataError(f"{what}: a {task} task needs N x 1 labels, got {labels.shape}")
+        top = n_outputs - 1
+    if labels.size and (labels.min() < 0 or labels.max() > top):
+        bad = labels[(labels < 0) | (labels > top)][0]
+        raise DataError(f"{what}: label {bad} out of range: {task} labels must lie in 0..{top}")
+    return labels
+
+
+def from_arrays(arrays: dict[str, np.ndarray], task: str | None = None,
+                label_names: Sequence[str] | None = None, name: str = "dataset",
+                spatial_dims: int | None = None, source: str = "arrays",
+                normalization: Normalization | None = None, synthetic: bool = False
+                ) -> MedicalDataset:
+    """Build a checked :class:`MedicalDataset` from MedMNIST-style arrays.
+
+    ``arrays`` holds ``{split}_images`` (MedMNIST layout, see :func:`channels_first`) and
+    ``{split}_labels`` (``N x L``) for the three splits. ``task`` and ``label_names`` are inferred
+    from the labels when not given.
+    """
+    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")
+               if f"{s}_{k}" not in arrays]
+    if missing:
+        raise DataError(f"{source}: missing key(s) {', '.join(missing)}; a MedMNIST .npz holds "
+                        "train_images, train_labels, val_images, val_labels, test_images, "
+                        "test_labels")
+    images = {}
+    for s in SPLITS:
+        img = np.asarray(arrays[f"{s}_images"])
+        if img.dtype.kind not in "uif" or img.dtype == np.float16:
+            raise DataError(f"{source}: {s}_images has dtype {img.dtype}; expected uint8 or "
+                            "float32/float64")
+        images[s] = channels_first(img, spatial_dims, what=f"{source}: {s}_images")
+        n_labels = len(arrays[f"{s}_labels"])
+        if len(images[s]) != n_labels:
+            raise DataError(f"{source}: {s}_images has {len(images[s])} images but {s}_labels has "
+                            f"{n_labels} labels")
+    shapes = {s: images[s].shape[1:] for s in SPLITS}
+    if len(set(shapes.values())) != 1:
+        raise DataError(f"{source}: the splits' image shapes differ: {shapes}")
+    raw_labels = []
+    for s in SPLITS:
+        lab = np.asarray(arrays[f"{s}_labels"])
+        raw_labels.append(lab[:, None] if lab.ndim == 1 else lab)
+    if any(lab.ndim != 2 for lab in raw_labels):
+        raise DataError(f"{source}: labels must be N x L, got shapes "
+                        f"{[lab.shape for lab in raw_labels]}")
+    if task is None:
+        task = infer_task(raw_labels)
+    if task not in TASKS:
+        raise DataError(f"{source}: task must be one of {TASKS}, got {task!r}")
+    if label_names is None:
+        if task == MULTILABEL:
+            n = raw_labels[0].shape[1]
+        elif task == BINARY:
+            n = 2
+        else:
+            n = max(int(lab.max()) if lab.size else 0 for lab in raw_labels) + 1
+        label_names = [str(i) for i in range(n)]
+    label_names = [str(n) for n in label_names]
+    if task == BINARY and len(label_names) != 2:
+        raise DataError(f"{source}: a binary task needs 2 label names, got {len(label_names)}")
+    labels = {s: check_labels(lab, task, len(label_names), what=f"{source}: {s}_labels")
+              for s, lab in zip(SPLITS, raw_labels)}
+    splits = {s: Split(images[s], labels[s]) for s in SPLITS}
+    return MedicalDataset(splits["train"], splits["val"], splits["test"], task=task,
+                          label_names=label_names, name=name, normalization=normalization,
+                          synthetic=synthetic)
+
+
+def load_npz(path: str | os.PathLike, task: str | None = None,
+             label_names: Sequence[str] | None = None, spatial_dims: int | None = None
+             ) -> MedicalDataset:
+    """Load a MedMNIST-style ``.npz`` into channels-first splits.
+
+    The task and label names come, in order of preference, from the arguments, from ``task`` /
+    ``label_names`` arrays stored in the file, from the MedMNIST registry when the file name is a
+    MedMNIST name (``pneumoniamnist.npz``, ``nodulemnist3d_64.npz``), or from the labels.
+    Raises :class:`DataError` (a ``ValueError``) for a missing or malformed file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    stem = re.sub(r"_(64|128|224)$", "", path.stem.lower())
+    info = MEDMNIST.get(stem)
+    if task is None and "task" in arrays:
+        task = str(arrays["task"])
+    if label_names is None and "label_names" in arrays:
+        label_names = [str(n) for n in arrays["label_names"]]
+    if info is not None:
+        task = task or info.task
+        label_names = label_names or info.label_names
+        spatial_dims = spatial_dims or info.spatial_dims
+    return from_arrays(arrays, task=task, label_names=label_names, name=path.stem,
+                       spatial_dims=spatial_dims, source=str(path))
+
+
+def save_npz(path: str | os.PathLike, dataset: MedicalDataset) -> Path:
+    """Write ``dataset`` as a MedMNIST-layout ``.npz`` (plus ``task`` and ``label_names``).
+
+    Channels-first images go back to MedMNIST's layout (grey: channel axis dropped, RGB:
+    channels last), so :func:`load_npz` reads the file back to the same arrays.
+    """
+    arrays = {}
+    for s in SPLITS:
+        split = dataset.split(s)
+        img = split.images
+        if img.shape[1] == 1:
+            img = img[:, 0]
+        else:
+            img = np.moveaxis(img, 1, -1)
+        arrays[f"{s}_images"] = img
+        arrays[f"{s}_labels"] = split.labels
+    arrays["task"] = np.array(dataset.task)
+    arrays["label_names"] = np.array(dataset.label_names)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                     delete=False) as tmp:
+        np.savez_compressed(tmp, **arrays)
+    os.replace(tmp.name, path)
+    return path
+
+
+# --- download -----------------------------------------------------------------------------------
+
+def default_root() -> Path:
+    """Where downloads go: ``$CNNFAST_DATA_DIR`` or ``~/.medmnist`` (shared with ``medmnist``)."""
+    return Path(os.environ.get("CNNFAST_DATA_DIR", Path.home() / ".medmnist"))
+
+
+def parse_name(name: str, size: int | None = None) -> tuple[MedMNISTInfo, int]:
+    """``"pneumoniamnist"`` / ``"pneumoniamnist_64"`` (+ optional ``size``) -> (info, size)."""
+    m = re.fullmatch(r"([a-z0-9]+?)(?:_(28|64|128|224))?", name.lower())
+    info = MEDMNIST.get(m.group(1)) if m else None
+    if info is None:
+        raise DataError(f"unknown dataset {name!r}: not a file, and not one of the MedMNIST "
+                        f"datasets ({', '.join(MEDMNIST)}) or the synthetic ones "
+                        "(synthetic-nodule2d, synthetic-nodule3d, synthetic-chestxray)")
+    named = int(m.group(2)) if m.group(2) else None
+    if named and size and named != size:
+        raise DataError(f"dataset {name!r} names size {named} but size={size} was asked for")
+    size = named or size or 28
+    if size not in info.md5:
+        raise DataError(f"{info.name} comes in sizes {sorted(info.md5)}, not {size}")
+    return info, size
+
+
+def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(name: str, size: int | None = None, root: str | os.PathLike | None = None,
+             base_url: str | None = None, progress: bool = True, timeout: float = 30.0,
+             md5: str | None = None) -> Path:
+    """Download a MedMNIST ``.npz`` by dataset name (``"pneumoniamnist"``, size 28/64/128/224).
+
+    The file goes to ``root`` (default :func:`default_root`) through a temporary file that is
+    renamed only once its MD5 matches the MedMNIST record. An existing file is returned as is.
+    ``base_url`` (or ``$CNNFAST_MEDMNIST_URL``) replaces the Zenodo record URL, e.g. for a mirror;
+    ``md5`` overrides the expected checksum. Raises :class:`DownloadError` when offline, on an
+    HTTP error, or on a checksum mismatch.
+    """
+    info, size = parse_name(name, size)
+    root = Path(root) if root is not None else default_root()
+    target = root / info.filename(size)
+    if target.is_file():
+        return target
+    base_url = base_url or os.environ.get("CNNFAST_MEDMNIST_URL")
+    url = info.url(size, base_url)
+    expected = md5 or info.md5[size]
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(dir=root, prefix=f".{target.name}.", suffix=".part",
+                                      delete=False)
+    try:
+        with tmp:
+            _fetch(url, tmp, progress=progress, timeout=timeout, desc=target.name)
+        got = md5sum(tmp.name)
+        if got != expected:
+            raise DownloadError(f"downloaded {target.name} from {url} has MD5 {got}, expected "
+                                f"{expected}: the file is damaged or not the MedMNIST release; "
+                                "nothing was kept")
+        os.replace(tmp.name, target)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise DownloadError(
+            f"could not download {target.name} from {url}: {reason}. If this machine is offline, "
+            f"fetch the file elsewhere (MD5 {expected}) and put it at {target}, or pass its "
+            "path: --data /path/to/file.npz") from None
+    finally:
+        if os.path.exists(tmp.name):
+            os.remove(tmp.name)
+    return target
+
+
+def _fetch(url: str, out, progress: bool, timeout: float, desc: str) -> None:
+    """Stream ``url`` into the open binary file ``out`` with a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "cnnfast"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        total = response.headers.get("Content-Length")
+        with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
+                  unit_divisor=1024, desc=desc, disable=not progress, leave=False) as bar:
+            for block in iter(lambda: response.read(1 << 16), b""):
+                out.write(block)
+                bar.update(len(block))
+
+
+def load_dataset(spec: str | os.PathLike, size: int | None = None,
+                 root: str | os.PathLike | None = None, download_missing: bool = True,
+                 base_url: str | None = None, progress: bool = True, seed: int = 0
+                 ) -> MedicalDataset:
+    """A dataset from a ``.npz`` path, a MedMNIST name, or a synthetic name.
+
+    ``spec`` is a path to an existing file (or any name ending in ``.npz``); a MedMNIST name such
+    as ``"pneumoniamnist"`` or ``"nodulemnist3d_64"`` (looked up in ``root``, downloaded when
+    missing and ``download_missing``); or ``"synthetic-nodule2d"``, ``"synthetic-nodule3d"``,
+    ``"synthetic-chestxray"`` (generated from ``seed``, see :mod:`cnnfast.synthetic`).
+    """
+    text = str(spec)
+    if text.startswith("synthetic"):
+        from cnnfast import synthetic
+
+        return synthetic.load(text, seed=seed, size=size)
+    if text.endswith(".npz") or os.sep in text or Path(text).exists():
+        return load_npz(text)
+    info, size = parse_name(text, size)
+    path = (Path(root) if root is not None else default_root()) / info.filename(size)
+    if not path.is_file():
+        if not download_missing:
+            raise DataError(f"{path} not found; download it with download({info.name!r}, "
+                            f"size={size})")
+        path = download(info.name, size, root=root, base_url=base_url, progress=progress)
+    return load_npz(path)
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+class DataLoader:
+    """Batches of ``(x, y)`` NumPy arrays from a :class:`Split` (or ``(images, labels)``).
+
+    ``x`` is ``(B, C, *S)`` float32 after ``normalization`` and then ``transform(x, rng)``;
+    ``y`` is the ``(B, L)`` int64 labels. With ``shuffle=True`` each pass draws a new order from
+    one Generator seeded by ``seed``, so the sequence of epochs is the same for the same seed.
+    The same Generator drives the random transforms.
+    """
+
+    def __init__(self, data: Split | tuple[np.ndarray, np.ndarray], batch_size: int = 128,
+                 shuffle: bool = False, seed: int | None = 0, drop_last: bool = False,
+                 normalization: Normalization | Callable | None = None,
+                 transform: Transform | None = None) -> None:
+        if isinstance(data, Split):
+            images, labels = data.images, data.labels
+        else:
+            images, labels = data
+        if len(images) != len(labels):
+            raise ValueError(f"images and labels differ in length: {len(images)} vs {len(labels)}")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.images = images
+        self.labels = labels
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.normalization = normalization
+        self.transform = transform
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        n = len(self.images)
+        order = self.rng.permutation(n) if self.shuffle else np.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if self.shuffle:
+                idx = np.sort(idx)  # sorted gathers are faster; the batch content is unchanged
+            x = self.images[idx]
+            x = self.normalization(x) if self.normalization is not None else x.astype(np.float32)
+            if self.transform is not None:
+                x = self.transform(x, self.rng)
+            yield np.ascontiguousarray(x, dtype=np.float32), self.labels[idx]

@@ -1,0 +1,214 @@
+"""The one place that picks a kernel path for a device, and the array module (``xp``) for an array.
+
+Kernel contract
+===============
+Every path package (``cnnfast.reference``, ``cnnfast.cpu``, ``cnnfast.cuda``) has the modules
+``conv``, ``pool``, ``activation`` and ``norm`` and they export the functions below with exactly
+these signatures. Kernels are plain array-in, array-out functions: they never see a ``Tensor``,
+never validate (``cnnfast.functional`` validates before any kernel runs), never modify their
+inputs, and return arrays of the input dtype (float32 or float64). ``nd`` is the spatial rank
+(2 or 3), ``x.ndim == nd + 2``; ``stride``, ``padding``, ``dilation``, ``kernel`` are tuples of
+``nd`` Python ints.
+
+conv
+    conv_forward(x, w, stride, padding, dilation, groups) -> y
+        x (N, C, *S), w (K, C // groups, *KS) -> y (N, K, *O),
+        O = (S + 2P - dilation * (KS - 1) - 1) // stride + 1 (cross-correlation, like PyTorch).
+    conv_backward_data(gy, w, x_shape, stride, padding, dilation, groups) -> gx  (x_shape)
+    conv_backward_weight(gy, x, w_shape, stride, padding, dilation, groups) -> gw  (w_shape)
+    bias_add(y, b) -> y + b broadcast over channel axis 1            b (K,)
+    bias_grad(gy) -> gb (K,) = gy summed over every axis but 1
+
+pool
+    max_pool_forward(x, kernel, stride, padding) -> (y, idx)
+        Padding never wins. ``idx`` (int64, y's shape) is the flat index, within one (n, c) plane
+        of the *unpadded* input, of the first maximum in window scan order (like PyTorch).
+    max_pool_backward(gy, idx, x_shape) -> gx   (overlapping windows accumulate)
+    avg_pool_forward(x, kernel, stride, padding) -> y
+        Divisor is prod(kernel) everywhere (PyTorch's count_include_pad=True); floor mode.
+    avg_pool_backward(gy, x_shape, kernel, stride, padding) -> gx
+
+activation
+    relu_forward(x) -> y
+    relu_backward(gy, y) -> gx = gy where y > 0 else 0
+
+norm  (per channel over N and the spatial axes; mean/invstd/gamma/beta have shape (C,))
+    batch_norm_forward_train(x, gamma, beta, eps) -> (y, mean, invstd)
+        biased batch variance; invstd = 1 / sqrt(var + eps); mean and invstd in x's dtype.
+    batch_norm_forward_eval(x, gamma, beta, running_mean, running_var, eps) -> y
+    batch_norm_backward(gy, x, gamma, mean, invstd) -> (gx, ggamma, gbeta)   (training mode)
+
+Ops that are the same array code on every path (linear, adaptive average pooling, dropout, the
+elementwise arithmetic of autograd) live in ``cnnfast.reference`` and are written against ``xp``
+so they run on NumPy and CuPy arrays alike; :func:`kernels` hands them to every path.
+
+Paths
+=====
+device ``"cpu"``: the ``fast`` path (``cnnfast.cpu``, the default) or the ``reference`` path,
+chosen with :func:`set_cpu_path` or the :func:`cpu_path` context manager.
+device ``"cuda"``: ``cnnfast.cuda`` (Numba CUDA kernels on CuPy arrays, or in Numba's CUDA
+simulator on NumPy arrays when ``NUMBA_ENABLE_CUDASIM=1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from types import SimpleNamespace
+
+import numpy as np
+
+KERNEL_OPS = {
+    "conv": ("conv_forward", "conv_backward_data", "conv_backward_weight", "bias_add", "bias_grad"),
+    "pool": ("max_pool_forward", "max_pool_backward", "avg_pool_forward", "avg_pool_backward"),
+    "activation": ("relu_forward", "relu_backward"),
+    "norm": ("batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward"),
+}
+SHARED_OPS = {
+    "linear": ("linear_forward", "linear_backward"),
+    "pool": ("adaptive_avg_pool_forward", "adaptive_avg_pool_backward"),
+    "activation": ("dropout_mask",),
+}
+CPU_PATHS = ("fast", "reference")
+DEVICES = ("cpu", "cuda")
+
+_cpu_path = os.environ.get("CNNFAST_CPU_PATH", "fast")
+_cache: dict[str, SimpleNamespace] = {}
+
+
+def set_cpu_path(path: str) -> None:
+    """Choose the CPU kernel path: ``"fast"`` (Numba/BLAS, default) or ``"reference"`` (NumPy)."""
+    global _cpu_path
+    if path not in CPU_PATHS:
+        raise ValueError(f"cpu path must be one of {CPU_PATHS}, got {path!r}")
+    _cpu_path = path
+
+
+def get_cpu_path() -> str:
+    return _cpu_path
+
+
+@contextlib.contextmanager
+def cpu_path(path: str):
+    """Run the block on the given CPU path, then restore the previous one."""
+    previous = _cpu_path
+    set_cpu_path(path)
+    try:
+        yield
+    finally:
+        set_cpu_path(previous)
+
+
+def _load(package: str) -> SimpleNamespace:
+    """Collect every contract op of one path package into a namespace (imported lazily)."""
+    if package in _cache:
+        return _cache[package]
+    ns = {}
+    for family, names in SHARED_OPS.items():
+        module = importlib.import_module(f"cnnfast.reference.{family}")
+        for name in names:
+            ns[name] = getattr(module, name)
+    for family, names in KERNEL_OPS.items():
+        module = importlib.import_module(f"cnnfast.{package}.{family}")
+        for name in names:
+            ns[name] = getattr(module, name)
+    ns["path"] = package
+    _cache[package] = SimpleNamespace(**ns)
+    return _cache[package]
+
+
+def path_name(device: str) -> str:
+    """The kernel package that runs ``device`` now: 'reference', 'cpu' or 'cuda'."""
+    if device == "cuda":
+        return "cuda"
+    return "cpu" if _cpu_path == "fast" else "reference"
+
+
+def kernels(device: str) -> SimpleNamespace:
+    """The kernel functions for ``device`` under the current path choice."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cuda":
+        require_cuda()
+    return _load(path_name(device))
+
+
+def kernels_of(path: str) -> SimpleNamespace:
+    """The kernel functions of one named path ('reference', 'cpu', 'cuda') — for tests and bench."""
+    if path not in ("reference", "cpu", "cuda"):
+        raise ValueError(f"path must be 'reference', 'cpu' or 'cuda', got {path!r}")
+    return _load(path)
+
+
+# --- devices and array modules ------------------------------------------------------------------
+
+def cuda_simulated() -> bool:
+    """True when Numba's CUDA simulator stands in for a GPU (NUMBA_ENABLE_CUDASIM=1)."""
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+_gpu_present: bool | None = None
+
+
+def gpu_present() -> bool:
+    """True when CuPy is installed and sees a CUDA device (checked once, lazily)."""
+    global _gpu_present
+    if _gpu_present is None:
+        try:
+            import cupy
+
+            _gpu_present = bool(cupy.is_available())
+        except Exception:  # noqa: BLE001 - ImportError, or a CuPy without a usable driver
+            _gpu_present = False
+    return _gpu_present
+
+
+def cuda_available() -> bool:
+    """True when the ``cuda`` device can run: on a GPU through CuPy, or in the simulator."""
+    return cuda_simulated() or gpu_present()
+
+
+def require_cuda() -> None:
+    if not cuda_available():
+        raise RuntimeError(
+            "device 'cuda' is not available: no GPU was found through CuPy. Install the CUDA "
+            "extra on a machine with an NVIDIA GPU (pip install 'cnnfast[cuda]'), or set "
+            "NUMBA_ENABLE_CUDASIM=1 before importing cnnfast to run the CUDA kernels in Numba's "
+            "simulator (slow; for testing only)."
+        )
+
+
+def device_xp(device: str):
+    """The array module holding a device's arrays: NumPy for cpu (and the simulator), CuPy on GPU."""
+    if device == "cuda" and not cuda_simulated():
+        require_cuda()
+        import cupy
+
+        return cupy
+    return np
+
+
+def is_cupy_array(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def array_xp(a):
+    """The array module of an array (``get_array_module``), without importing CuPy needlessly."""
+    if is_cupy_array(a):
+        import cupy
+
+        return cupy
+    return np
+
+
+def to_device(a, device: str):
+    """Copy an array to ``device``'s array module (a no-op when it is already there)."""
+    if device == "cuda" and not cuda_simulated():
+        require_cuda()
+        import cupy
+
+        return cupy.asarray(a)
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)

@@ -1,0 +1,199 @@
+"""Optimizers (SGD, Adam, AdamW) and learning-rate schedules, with PyTorch's update rules.
+
+Updates run in place on the parameters' arrays (NumPy or CuPy), outside the autograd graph, and
+keep their state (momentum buffers, moments) in arrays allocated once on the parameter's device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from cnnfast.tensor import Tensor
+
+__all__ = ["SGD", "Adam", "AdamW", "CosineAnnealingLR", "MultiStepLR", "Optimizer", "StepLR"]
+
+
+class Optimizer:
+    def __init__(self, params: Iterable, defaults: dict):
+        groups = list(params)
+        if not groups:
+            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.param_groups = []
+        for group in groups:
+            group = {**defaults, **group, "params": list(group["params"])}
+            for p in group["params"]:
+                if not isinstance(p, Tensor) or not p.requires_grad:
+                    raise TypeError(f"{type(self).__name__}: every parameter must be a Tensor "
+                                    f"with requires_grad=True, got {type(p).__name__}")
+            if group["lr"] < 0:
+                raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {group['lr']}")
+            if group.get("weight_decay", 0) < 0:
+                raise ValueError(f"{type(self).__name__}: weight_decay must be >= 0, "
+                                 f"got {group['weight_decay']}")
+            group.setdefault("initial_lr", group["lr"])
+            self.param_groups.append(group)
+        self.state: dict[int, dict] = {}
+
+    def zero_grad(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, p.grad.data, group, self.state.setdefault(id(p), {}))
+
+    def _update(self, p: Tensor, g, group: dict, state: dict) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Hyper-parameters per group and per-parameter state, by parameter position."""
+        order = [p for group in self.param_groups for p in group["params"]]
+        return {
+            "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                             for g in self.param_groups],
+            "state": {i: dict(self.state[id(p)]) for i, p in enumerate(order)
+                      if id(p) in self.state},
+        }
+
+
+class SGD(Optimizer):
+    """SGD with optional momentum (PyTorch's form: buf = m * buf + g), nesterov, weight decay."""
+
+    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, dampening: float = 0.0):
+        if momentum < 0:
+            raise ValueError(f"SGD: momentum must be >= 0, got {momentum}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("SGD: nesterov needs momentum > 0 and dampening 0")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
+                                  "weight_decay": weight_decay, "dampening": dampening})
+
+    def _update(self, p, g, group, state):
+        if group["weight_decay"]:
+            g = g + group["weight_decay"] * p.data
+        m = group["momentum"]
+        if m:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = g.copy()
+            else:
+                buf *= m
+                buf += (1 - group["dampening"]) * g
+            g = g + m * buf if group["nesterov"] else buf
+        p.data -= group["lr"] * g
+
+
+class Adam(Optimizer):
+    """Adam with bias correction; ``weight_decay`` adds to the gradient (L2), as in PyTorch."""
+
+    decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0):
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"{type(self).__name__}: betas must lie in [0, 1), got {betas}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
+                                  "weight_decay": weight_decay})
+
+    def _update(self, p, g, group, state):
+        lr, wd = group["lr"], group["weight_decay"]
+        b1, b2 = group["betas"]
+        if wd:
+            if self.decoupled:
+                p.data *= 1 - lr * wd
+            else:
+                g = g + wd * p.data
+        if not state:
+            xp = p.xp
+            state["step"] = 0
+            state["exp_avg"] = xp.zeros_like(p.data)
+            state["exp_avg_sq"] = xp.zeros_like(p.data)
+        state["step"] += 1
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * (g * g)
+        step_size = lr / (1 - b1 ** t)
+        denom = p.xp.sqrt(v) / math.sqrt(1 - b2 ** t) + group["eps"]
+        p.data -= step_size * (m / denom)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: p *= (1 - lr * weight_decay) before the Adam step."""
+
+    decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2):
+        super().__init__(params, lr, betas, eps, weight_decay)
+
+
+# --- schedules ---------------------------------------------------------------------------------
+
+class _Schedule:
+    """Sets each group's lr from the epoch count; call ``step()`` once per epoch."""
+
+    def __init__(self, optimizer: Optimizer):
+        self.optimizer = optimizer
+        self.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        self.last_epoch = 0
+        self._apply()
+
+    def lr_at(self, base_lr: float, epoch: int) -> float:
+        raise NotImplementedError
+
+    def _apply(self) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = self.lr_at(base, self.last_epoch)
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+
+class StepLR(_Schedule):
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1):
+        if step_size < 1:
+            raise ValueError(f"StepLR: step_size must be >= 1, got {step_size}")
+        self.step_size, self.gamma = step_size, gamma
+        super().__init__(optimizer)
+
+    def lr_at(self, base_lr, epoch):
+        return base_lr * self.gamma ** (epoch // self.step_size)
+
+
+class MultiStepLR(_Schedule):
+    """lr = base * gamma ** (number of milestones passed), e.g. the MedMNIST recipe's [50, 75]."""
+
+    def __init__(self, optimizer: Optimizer, milestones: Iterable[int], gamma: float = 0.1):
+        self.milestones = sorted(int(m) for m in milestones)
+        self.gamma = gamma
+        super().__init__(optimizer)
+
+    def lr_at(self, base_lr, epoch):
+        return base_lr * self.gamma ** sum(1 for m in self.milestones if epoch >= m)
+
+
+class CosineAnnealingLR(_Schedule):
+    """lr = eta_min + (base - eta_min) * (1 + cos(pi * epoch / T_max)) / 2."""
+
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0):
+        if T_max < 1:
+            raise ValueError(f"CosineAnnealingLR: T_max must be >= 1, got {T_max}")
+        self.T_max, self.eta_min = T_max, eta_min
+        super().__init__(optimizer)
+
+    def lr_at(self, base_lr, epoch):
+        return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch /
+                                                                       self.T_max)) / 2

@@ -1,0 +1,618 @@
+"""Tensor, the autograd graph, ``backward`` and ``no_grad``.
+
+Each op is a :class:`Function` with ``forward`` (arrays in, one array out) and ``backward``
+(the output's gradient in, one gradient per input out). ``forward`` saves only what ``backward``
+needs and reads ``self.needs_input_grad`` to skip the rest; ``backward`` returns ``None`` for
+inputs nobody asked a gradient for. ``Tensor.backward`` walks the graph in reverse topological
+order with an explicit stack (no recursion, so a 5,000-op chain is fine) and sums the gradients
+of a tensor used more than once.
+
+The elementwise and shape ops that models need live here; the neural-network ops (convolution,
+pooling, batch norm, losses) live in :mod:`cnnfast.functional`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import numpy as np
+
+from cnnfast import dispatch
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_state = threading.local()
+
+
+def is_grad_enabled() -> bool:
+    return getattr(_state, "grad_enabled", True)
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Within the block, ops record no graph (for evaluation and optimizer updates)."""
+    previous = is_grad_enabled()
+    _state.grad_enabled = False
+    try:
+        yield
+    finally:
+        _state.grad_enabled = previous
+
+
+@contextlib.contextmanager
+def enable_grad():
+    previous = is_grad_enabled()
+    _state.grad_enabled = True
+    try:
+        yield
+    finally:
+        _state.grad_enabled = previous
+
+
+class Tensor:
+    """An array (NumPy on ``cpu``, CuPy on ``cuda``) with an optional gradient and graph node."""
+
+    __array_priority__ = 1000  # so ndarray <op> Tensor defers to Tensor's reflected op
+
+    def __init__(self, data, requires_grad: bool = False, device: str | None = None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if device is None:
+            device = "cuda" if dispatch.is_cupy_array(data) else "cpu"
+        elif device not in dispatch.DEVICES:
+            raise ValueError(f"device must be one of {dispatch.DEVICES}, got {device!r}")
+        if device == "cuda":
+            dispatch.require_cuda()
+        data = dispatch.to_device(data, device)
+        if data.dtype == np.float16 or (requires_grad and data.dtype not in FLOAT_DTYPES):
+            raise TypeError(f"tensor: requires_grad needs float32 or float64 data, got {data.dtype}"
+                            if requires_grad else f"tensor: unsupported dtype {data.dtype}")
+        self.data = data
+        self.device = device
+        self.requires_grad = bool(requires_grad)
+        self.grad: Tensor | None = None
+        self._ctx: Function | None = None
+
+    # --- basic properties -----------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._ctx is None
+
+    def numel(self) -> int:
+        return int(self.data.size)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        dev = ", device='cuda'" if self.device == "cuda" else ""
+        return f"tensor({np.array2string(self.numpy(), precision=4, threshold=20)}{dev}{grad})"
+
+    def numpy(self) -> np.ndarray:
+        """The data as a NumPy array (copied from the GPU when on ``cuda``)."""
+        if dispatch.is_cupy_array(self.data):
+            return self.data.get()
+        return self.data
+
+    def item(self) -> float:
+        if self.size != 1:
+            raise ValueError(f"item(): tensor has {self.size} elements, expected exactly 1")
+        return self.numpy().reshape(-1)[0].item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def detach(self) -> Tensor:
+        """The same data without a graph (shares memory)."""
+        t = Tensor.__new__(Tensor)
+        t.data, t.device, t.requires_grad, t.grad, t._ctx = self.data, self.device, False, None, None
+        return t
+
+    def requires_grad_(self, flag: bool = True) -> Tensor:
+        if flag and self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"requires_grad needs float32 or float64 data, got {self.dtype}")
+        self.requires_grad = flag
+        return self
+
+    def to(self, device: str | None = None, dtype=None) -> Tensor:
+        """A copy on ``device`` and/or of ``dtype``; gradients flow back through it."""
+        device = self.device if device is None else device
+        dtype = self.dtype if dtype is None else np.dtype(dtype)
+        if device == self.device and dtype == self.dtype:
+            return self
+        return Convert.apply(self, device=device, dtype=dtype)
+
+    def cpu(self) -> Tensor:
+        return self.to("cpu")
+
+    def cuda(self) -> Tensor:
+        return self.to("cuda")
+
+    def float(self) -> Tensor:
+        return self.to(dtype=np.float32)
+
+    def double(self) -> Tensor:
+        return self.to(dtype=np.float64)
+
+    @property
+    def xp(self):
+        return dispatch.array_xp(self.data)
+
+    # --- autograd -------------------------------------------------------------------------------
+    def backward(self, grad: Tensor | Any = None) -> None:
+        """Accumulate d(self)/d(leaf) * grad into every leaf's ``.grad`` that requires it."""
+        if not self.requires_grad:
+            raise RuntimeError("backward(): this tensor does not require grad and has no graph")
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward(): grad can be implicit only for a scalar output, "
+                                   f"got shape {self.shape}")
+            grad_data = self.xp.ones_like(self.data)
+        else:
+            grad_data = dispatch.to_device(grad.data if isinstance(grad, Tensor) else grad,
+                                           self.device)
+            if tuple(grad_data.shape) != self.shape:
+                raise ValueError(f"backward(): grad has shape {tuple(grad_data.shape)}, "
+                                 f"expected {self.shape}")
+            grad_data = grad_data.astype(self.dtype, copy=False)
+
+        grads: dict[int, Any] = {id(self): grad_data}
+        for node in reversed(_topological_order(self)):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            ctx = node._ctx
+            if ctx is None:
+                if node.requires_grad:
+                    if node.grad is None:
+                        node.grad = Tensor(g.copy() if g is grad_data else g, device=node.device)
+                    else:
+                        node.grad.data = node.grad.data + g
+                continue
+            input_grads = ctx.backward(g)
+            if not isinstance(input_grads, tuple):
+                input_grads = (input_grads,)
+            for inp, ig in zip(ctx.inputs, input_grads):
+                if inp is None or ig is None or not inp.requires_grad:
+                    continue
+                key = id(inp)
+                grads[key] = grads[key] + ig if key in grads else ig
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    # --- arithmetic -------------------------------------------------------------------------------
+    def _operand(self, other) -> Tensor:
+        if isinstance(other, Tensor):
+            if other.device != self.device:
+                raise ValueError(f"cannot combine a tensor on {self.device!r} with one on "
+                                 f"{other.device!r}; move one with .to()")
+            return other
+        data = np.asarray(other)
+        if data.dtype.kind in "biuf":
+            data = data.astype(self.dtype if self.dtype.kind == "f" else data.dtype)
+        return Tensor(data, device=self.device)
+
+    def __add__(self, other):
+        return Add.apply(self, self._operand(other))
+
+    def __radd__(self, other):
+        return Add.apply(self._operand(other), self)
+
+    def __sub__(self, other):
+        return Sub.apply(self, self._operand(other))
+
+    def __rsub__(self, other):
+        return Sub.apply(self._operand(other), self)
+
+    def __mul__(self, other):
+        return Mul.apply(self, self._operand(other))
+
+    def __rmul__(self, other):
+        return Mul.apply(self._operand(other), self)
+
+    def __truediv__(self, other):
+        return Div.apply(self, self._operand(other))
+
+    def __rtruediv__(self, other):
+        return Div.apply(self._operand(other), self)
+
+    def __neg__(self):
+        return Neg.apply(self)
+
+    def __pow__(self, exponent: float):
+        if isinstance(exponent, Tensor):
+            raise TypeError("pow: only a Python number exponent is supported")
+        return Pow.apply(self, exponent=float(exponent))
+
+    def __matmul__(self, other):
+        return MatMul.apply(self, self._operand(other))
+
+    def __rmatmul__(self, other):
+        return MatMul.apply(self._operand(other), self)
+
+    def _compare(self, other, op) -> Tensor:
+        other = other.data if isinstance(other, Tensor) else other
+        return Tensor(op(self.data, other), device=self.device)
+
+    def __gt__(self, other):
+        return self._compare(other, lambda a, b: a > b)
+
+    def __lt__(self, other):
+        return self._compare(other, lambda a, b: a < b)
+
+    def __ge__(self, other):
+        return self._compare(other, lambda a, b: a >= b)
+
+    def __le__(self, other):
+        return self._compare(other, lambda a, b: a <= b)
+
+    __hash__ = object.__hash__
+
+    def exp(self):
+        return Exp.apply(self)
+
+    def log(self):
+        return Log.apply(self)
+
+    def sigmoid(self):
+        return Sigmoid.apply(self)
+
+    def sum(self, axis=None, keepdims: bool = False):
+        return Sum.apply(self, axis=_normalize_axis(axis, self.ndim), keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims: bool = False):
+        axes = _normalize_axis(axis, self.ndim)
+        count = int(np.prod([self.shape[a] for a in axes])) if axes else 1
+        return self.sum(axis=axes, keepdims=keepdims) * (1.0 / max(count, 1))
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return Reshape.apply(self, shape=tuple(int(s) for s in shape))
+
+    def view(self, *shape):
+        return self.reshape(*shape)
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1):
+        start = start_dim % max(self.ndim, 1)
+        end = end_dim % max(self.ndim, 1)
+        if self.ndim == 0:
+            return self.reshape(1)
+        merged = int(np.prod(self.shape[start:end + 1]))
+        return self.reshape(self.shape[:start] + (merged,) + self.shape[end + 1:])
+
+    def transpose(self, *axes):
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        if not axes:
+            axes = tuple(reversed(range(self.ndim)))
+        elif len(axes) == 2 and self.ndim != 2:
+            a, b = (ax % self.ndim for ax in axes)
+            order = list(range(self.ndim))
+            order[a], order[b] = order[b], order[a]
+            axes = tuple(order)
+        return Transpose.apply(self, axes=tuple(int(a) % self.ndim for a in axes))
+
+    @property
+    def T(self):
+        return self.transpose()
+
+    def __getitem__(self, index):
+        if isinstance(index, Tensor):
+            index = index.data
+        return GetItem.apply(self, index=index)
+
+
+def _normalize_axis(axis, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, int):
+        axis = (axis,)
+    out = []
+    for a in axis:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for a tensor of rank {ndim}")
+        out.append(a % ndim)
+    return tuple(sorted(set(out)))
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Nodes reachable from ``root``, each after all of its inputs (iterative DFS)."""
+    order: list[Tensor] = []
+    visited: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        if node._ctx is not None:
+            for inp in node._ctx.inputs:
+                if inp is not None and inp.requires_grad and id(inp) not in visited:
+                    stack.append((inp, False))
+    return order
+
+
+def as_tensor(x, device: str | None = None, name: str = "input") -> Tensor:
+    """``x`` if it is a Tensor, else a new Tensor around the NumPy/CuPy array ``x``."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (np.ndarray, np.generic, list, tuple, float, int)) or dispatch.is_cupy_array(x):
+        return Tensor(np.asarray(x) if isinstance(x, (list, tuple, float, int)) else x,
+                      device=device)
+    raise TypeError(f"{name}: expected a Tensor or a NumPy/CuPy array, got {type(x).__name__}")
+
+
+def tensor(data, requires_grad: bool = False, device: str = "cpu", dtype=None) -> Tensor:
+    """A new tensor holding a copy of ``data`` on ``device``.
+
+    Python floats become float32 (like PyTorch); NumPy arrays keep their dtype unless ``dtype``
+    is given.
+    """
+    if isinstance(data, Tensor):
+        data = data.numpy()
+    if dispatch.is_cupy_array(data):
+        array = data.copy()
+    else:
+        array = np.array(data, copy=True)
+        if not isinstance(data, np.ndarray) and array.dtype == np.float64:
+            array = array.astype(np.float32)
+    if dtype is not None:
+        array = array.astype(dtype)
+    return Tensor(array, requires_grad=requires_grad, device=device)
+
+
+# --- Function -------------------------------------------------------------------------------------
+
+class Function:
+    """One differentiable op. Subclasses define ``forward(*arrays)`` and ``backward(gy)``.
+
+    ``apply(*inputs, **params)`` builds the node: ``params`` go to ``__init__`` (stored as
+    attributes), inputs may be ``Tensor`` or ``None`` (an absent optional input such as a bias).
+    """
+
+    inputs: tuple
+    needs_input_grad: tuple[bool, ...]
+    device: str
+
+    def __init__(self, **params):
+        self.__dict__.update(params)
+
+    @classmethod
+    def apply(cls, *inputs, **params) -> Tensor:
+        fn = cls(**params)
+        present = [t for t in inputs if t is not None]
+        fn.device = present[0].device
+        for t in present[1:]:
+            if t.device != fn.device:
+                raise ValueError(f"{cls.__name__}: inputs are on different devices "
+                                 f"({fn.device!r} and {t.device!r}); move them with .to()")
+        record = is_grad_enabled()
+        fn.needs_input_grad = tuple(record and t is not None and t.requires_grad for t in inputs)
+        out = fn.forward(*[None if t is None else t.data for t in inputs])
+        result = Tensor.__new__(Tensor)
+        result.data, result.grad, result._ctx = out, None, None
+        result.device = getattr(fn, "out_device", fn.device)
+        result.requires_grad = any(fn.needs_input_grad)
+        if result.requires_grad:
+            fn.inputs = inputs
+            result._ctx = fn
+        return result
+
+    def forward(self, *arrays):
+        raise NotImplementedError
+
+    def backward(self, gy):
+        raise NotImplementedError
+
+
+def unbroadcast(g, shape: tuple[int, ...]):
+    """Sum ``g`` down to ``shape`` (undoing NumPy broadcasting)."""
+    if tuple(g.shape) == tuple(shape):
+        return g
+    extra = g.ndim - len(shape)
+    if extra > 0:
+        g = g.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(shape)
+
+
+class Convert(Function):
+    """Copy to another device and/or dtype; the gradient goes back the same way."""
+
+    def __init__(self, device: str, dtype):
+        self.out_device = device
+        self.dtype = np.dtype(dtype)
+
+    def forward(self, x):
+        self.source = (self.device, x.dtype)
+        return dispatch.to_device(x, self.out_device).astype(self.dtype, copy=False)
+
+    def backward(self, gy):
+        source_device, source_dtype = self.source
+        return dispatch.to_device(gy, source_device).astype(source_dtype, copy=False)
+
+
+class Add(Function):
+    def forward(self, a, b):
+        self.shapes = (a.shape, b.shape)
+        return a + b
+
+    def backward(self, gy):
+        sa, sb = self.shapes
+        return (unbroadcast(gy, sa) if self.needs_input_grad[0] else None,
+                unbroadcast(gy, sb) if self.needs_input_grad[1] else None)
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        self.shapes = (a.shape, b.shape)
+        return a - b
+
+    def backward(self, gy):
+        sa, sb = self.shapes
+        return (unbroadcast(gy, sa) if self.needs_input_grad[0] else None,
+                unbroadcast(-gy, sb) if self.needs_input_grad[1] else None)
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.a = a if self.needs_input_grad[1] else None
+        self.b = b if self.needs_input_grad[0] else None
+        self.shapes = (a.shape, b.shape)
+        return a * b
+
+    def backward(self, gy):
+        sa, sb = self.shapes
+        return (unbroadcast(gy * self.b, sa) if self.needs_input_grad[0] else None,
+                unbroadcast(gy * self.a, sb) if self.needs_input_grad[1] else None)
+
+
+class Div(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, gy):
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            ga = unbroadcast(gy / self.b, self.a.shape)
+        if self.needs_input_grad[1]:
+            gb = unbroadcast(-gy * self.a / (self.b * self.b), self.b.shape)
+        return ga, gb
+
+
+class Neg(Function):
+    def forward(self, a):
+        return -a
+
+    def backward(self, gy):
+        return -gy
+
+
+class Pow(Function):
+    def forward(self, a):
+        self.a = a
+        return a ** self.exponent
+
+    def backward(self, gy):
+        return gy * self.exponent * self.a ** (self.exponent - 1)
+
+
+class Exp(Function):
+    def forward(self, a):
+        self.y = dispatch.array_xp(a).exp(a)
+        return self.y
+
+    def backward(self, gy):
+        return gy * self.y
+
+
+class Log(Function):
+    def forward(self, a):
+        self.a = a
+        return dispatch.array_xp(a).log(a)
+
+    def backward(self, gy):
+        return gy / self.a
+
+
+class Sigmoid(Function):
+    def forward(self, a):
+        xp = dispatch.array_xp(a)
+        self.y = (0.5 * (1 + xp.tanh(0.5 * a))).astype(a.dtype, copy=False)  # stable for any |a|
+        return self.y
+
+    def backward(self, gy):
+        return gy * self.y * (1 - self.y)
+
+
+class MatMul(Function):
+    def forward(self, a, b):
+        if a.ndim != 2 or b.ndim != 2:
+            raise ValueError(f"matmul: expected 2-D operands, got shapes {a.shape} and {b.shape}")
+        if a.shape[1] != b.shape[0]:
+            raise ValueError(f"matmul: inner sizes differ, shapes {a.shape} and {b.shape}")
+        self.a = a if self.needs_input_grad[1] else None
+        self.b = b if self.needs_input_grad[0] else None
+        return a @ b
+
+    def backward(self, gy):
+        return (gy @ self.b.T if self.needs_input_grad[0] else None,
+                self.a.T @ gy if self.needs_input_grad[1] else None)
+
+
+class Sum(Function):
+    def forward(self, a):
+        self.shape = a.shape
+        return a.sum(axis=self.axis, keepdims=self.keepdims)
+
+    def backward(self, gy):
+        xp = dispatch.array_xp(gy)
+        if not self.keepdims:
+            gy = xp.expand_dims(gy, self.axis) if self.axis else gy
+        return xp.broadcast_to(gy, self.shape).copy()
+
+
+class Reshape(Function):
+    def forward(self, a):
+        self.in_shape = a.shape
+        try:
+            return a.reshape(self.shape)
+        except ValueError:
+            raise ValueError(f"reshape: cannot reshape a tensor of shape {tuple(a.shape)} "
+                             f"into {self.shape}") from None
+
+    def backward(self, gy):
+        return gy.reshape(self.in_shape)
+
+
+class Transpose(Function):
+    def forward(self, a):
+        return a.transpose(self.axes)
+
+    def backward(self, gy):
+        return gy.transpose(tuple(np.argsort(self.axes)))
+
+
+class GetItem(Function):
+    def forward(self, a):
+        self.in_shape, self.in_dtype = a.shape, a.dtype
+        return a[self.index]
+
+    def backward(self, gy):
+        xp = dispatch.array_xp(gy)
+        g = xp.zeros(self.in_shape, dtype=self.in_dtype)
+        if xp is np:
+            np.add.at(g, self.index, gy)  # duplicates in an index array accumulate
+        else:
+            import cupyx
+
+            cupyx.scatter_add(g, self.index, gy)
+        return g

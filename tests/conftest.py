@@ -1,0 +1,66 @@
+"""Decides which kernel paths exist here, once, for every test.
+
+Without a GPU the ``cuda`` path runs in Numba's CUDA simulator: NUMBA_ENABLE_CUDASIM must be set
+before Numba is first imported, so it is set here, at collection time. With a GPU (CuPy sees a
+device) the same tests run on it; tests marked ``gpu`` need a real one and are skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _gpu_present() -> bool:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        return False
+    try:
+        import cupy
+
+        return bool(cupy.is_available())
+    except Exception:  # noqa: BLE001 - any CuPy failure means no usable GPU
+        return False
+
+
+GPU = _gpu_present()
+if not GPU:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import numpy as np
+import pytest
+
+from cnnfast import dispatch
+
+# (device, cpu path) pairs every path-parametrised test runs on.
+PATHS = [("cpu", "reference"), ("cpu", "fast"), ("cuda", "fast")]
+PATH_IDS = ["reference", "cpu", "cuda-gpu" if GPU else "cuda-sim"]
+
+
+@pytest.fixture(params=PATHS, ids=PATH_IDS)
+def path(request):
+    """(device, cpu-path) for one kernel path; the cpu path choice is set for the test."""
+    device, cpu = request.param
+    with dispatch.cpu_path(cpu):
+        yield device
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a real GPU (CuPy with a CUDA device)")
+    for item in items:
+        if "gpu" in item.keywords and not GPU:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def pytest_report_header(config):
+    return (f"cnnfast paths: reference, cpu, cuda ({'GPU' if GPU else 'Numba CUDA simulator'})")
+
+
+@pytest.fixture(params=["reference", "fast"], ids=["reference", "cpu"])
+def cpu_path(request):
+    """Each CPU path in turn (for float64 finite-difference checks, which run on the host)."""
+    with dispatch.cpu_path(request.param):
+        yield request.param

@@ -1,0 +1,247 @@
+"""Reference ReLU, dropout mask, batch norm and linear against finite differences and PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnnfast.reference import activation, linear, norm
+from cnnfast.testing import assert_close, gradient_check
+
+LAYOUTS = ["contiguous", "transposed", "sliced"]
+DTYPES = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+NORM_SHAPES = {
+    "2d": (3, 4, 5, 3),
+    "2d-batch1-odd": (1, 3, 5, 7),
+    "3d": (2, 3, 3, 4, 5),
+}
+
+
+def make_array(rng, shape, dtype=np.float64, layout="contiguous"):
+    """A standard-normal array of ``shape``; 'transposed' and 'sliced' give non-contiguous views."""
+    shape = tuple(shape)
+    if layout == "contiguous":
+        return rng.standard_normal(shape).astype(dtype)
+    if layout == "transposed":
+        a = rng.standard_normal(shape[::-1]).astype(dtype).transpose()
+    elif layout == "sliced":
+        a = rng.standard_normal(shape[:-1] + (2 * shape[-1],)).astype(dtype)[..., ::2]
+    else:
+        raise ValueError(layout)
+    assert a.shape == shape
+    # A transposed (1, IN) row is still contiguous; every other case here is a strided view.
+    assert not a.flags.c_contiguous or (layout == "transposed" and 1 in shape)
+    return a
+
+
+def away_from_zero(rng, shape):
+    """Values with |v| >= 0.1, so a finite-difference step never crosses ReLU's kink."""
+    v = rng.standard_normal(shape)
+    return np.where(v >= 0, v + 0.1, v - 0.1)
+
+
+# --- ReLU ---------------------------------------------------------------------------------------
+
+def test_relu_values():
+    x = np.array([-2.0, -0.0, 0.0, 0.5, np.nan])
+    y = activation.relu_forward(x)
+    np.testing.assert_array_equal(y[:4], [0.0, 0.0, 0.0, 0.5])
+    assert np.isnan(y[4])
+    gx = activation.relu_backward(np.full(5, 3.0), y)
+    np.testing.assert_array_equal(gx, [0.0, 0.0, 0.0, 3.0, 0.0])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 2, 3, 4, 3)], ids=["2d", "3d"])
+def test_relu_backward_matches_finite_differences(shape):
+    x = away_from_zero(np.random.default_rng(1), shape)
+    gradient_check(activation.relu_forward, [x], analytic=lambda gy, x: (
+        activation.relu_backward(gy, activation.relu_forward(x)),))
+
+
+# --- dropout mask -------------------------------------------------------------------------------
+
+@DTYPES
+def test_dropout_mask_values_and_rate(dtype):
+    p = 0.25
+    mask = activation.dropout_mask(np, (50, 40, 10), p, np.random.default_rng(2), dtype)
+    assert mask.shape == (50, 40, 10) and mask.dtype == dtype
+    kept = mask != 0
+    np.testing.assert_array_equal(mask[kept], dtype(1 / (1 - p)))
+    assert abs(kept.mean() - (1 - p)) < 0.02  # 20000 draws: the standard error is 0.003
+
+
+def test_dropout_mask_is_deterministic_for_a_seed():
+    first = activation.dropout_mask(np, (4, 5, 6), 0.5, np.random.default_rng(3), np.float32)
+    again = activation.dropout_mask(np, (4, 5, 6), 0.5, np.random.default_rng(3), np.float32)
+    other = activation.dropout_mask(np, (4, 5, 6), 0.5, np.random.default_rng(4), np.float32)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_dropout_mask_edge_rates():
+    rng = np.random.default_rng(5)
+    np.testing.assert_array_equal(activation.dropout_mask(np, (3, 4), 0.0, rng, np.float64), 1.0)
+    np.testing.assert_array_equal(activation.dropout_mask(np, (3, 4), 1.0, rng, np.float64), 0.0)
+
+
+# --- batch norm ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape_id", list(NORM_SHAPES))
+def test_batch_norm_backward_matches_finite_differences(shape_id):
+    rng = np.random.default_rng(6)
+    shape = NORM_SHAPES[shape_id]
+    x = make_array(rng, shape)
+    gamma = make_array(rng, shape[1:2])
+    beta = make_array(rng, shape[1:2])
+    eps = 1e-3
+
+    def forward(x, gamma, beta):
+        return norm.batch_norm_forward_train(x, gamma, beta, eps)[0]
+
+    def backward(gy, x, gamma, beta):
+        _, mean, invstd = norm.batch_norm_forward_train(x, gamma, beta, eps)
+        return norm.batch_norm_backward(gy, x, gamma, mean, invstd)
+
+    gradient_check(forward, [x, gamma, beta], analytic=backward, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_train_statistics():
+    rng = np.random.default_rng(7)
+    x = 3.0 + 2.0 * make_array(rng, (4, 2, 3, 5))
+    y, mean, invstd = norm.batch_norm_forward_train(x, np.ones(2), np.zeros(2), 1e-5)
+    assert_close(mean, x.mean(axis=(0, 2, 3)), name="mean")
+    assert_close(invstd, 1 / np.sqrt(x.var(axis=(0, 2, 3)) + 1e-5), name="invstd")
+    assert_close(y.mean(axis=(0, 2, 3)), np.zeros(2), atol=1e-12, name="mean of y")
+
+
+# --- linear -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_linear_backward_matches_finite_differences(with_bias):
+    rng = np.random.default_rng(8)
+    x, w, b = make_array(rng, (3, 5)), make_array(rng, (4, 5)), make_array(rng, (4,))
+    if with_bias:
+        gradient_check(linear.linear_forward, [x, w, b],
+                       analytic=lambda gy, x, w, b: linear.linear_backward(gy, x, w))
+    else:
+        gradient_check(lambda x, w: linear.linear_forward(x, w, None), [x, w],
+                       analytic=lambda gy, x, w: linear.linear_backward(gy, x, w)[:2])
+
+
+def test_linear_backward_skips_gradients_not_needed():
+    rng = np.random.default_rng(9)
+    gy, x, w = make_array(rng, (3, 4)), make_array(rng, (3, 5)), make_array(rng, (4, 5))
+    gx, gw, gb = linear.linear_backward(gy, x, w, need_x=False, need_w=True, need_b=False)
+    assert gx is None and gb is None and gw.shape == (4, 5)
+    gx, gw, gb = linear.linear_backward(gy, x, w, need_x=True, need_w=False, need_b=True)
+    assert gw is None and gx.shape == (3, 5) and gb.shape == (4,)
+
+
+# --- against PyTorch ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
+def tolerance(dtype):
+    return {"rtol": 1e-4, "atol": 1e-5} if dtype == np.float32 else {}
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("layout", LAYOUTS)
+@DTYPES
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 2, 3, 4, 5)], ids=["2d", "3d-batch1"])
+def test_relu_matches_torch(torch, shape, dtype, layout):
+    rng = np.random.default_rng(10)
+    x = make_array(rng, shape, dtype, layout)
+    gy = make_array(rng, shape, dtype)
+    y = activation.relu_forward(x)
+    gx = activation.relu_backward(gy, y)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.relu(tx)
+    ty.backward(torch.tensor(gy))
+    assert y.dtype == dtype and gx.dtype == dtype
+    assert_close(y, ty.detach().numpy(), name="y")
+    assert_close(gx, tx.grad.numpy(), name="gx")
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("layout", LAYOUTS)
+@DTYPES
+@pytest.mark.parametrize("shape_id", list(NORM_SHAPES))
+def test_batch_norm_train_matches_torch(torch, shape_id, dtype, layout):
+    shape = NORM_SHAPES[shape_id]
+    rng = np.random.default_rng(11)
+    x = 1.5 + 2.0 * make_array(rng, shape, dtype, layout)
+    gamma = make_array(rng, shape[1:2], dtype)
+    beta = make_array(rng, shape[1:2], dtype)
+    gy = make_array(rng, shape, dtype)
+    eps = 1e-5
+    x_before = x.copy()
+
+    y, mean, invstd = norm.batch_norm_forward_train(x, gamma, beta, eps)
+    gx, ggamma, gbeta = norm.batch_norm_backward(gy, x, gamma, mean, invstd)
+
+    tx, tgamma, tbeta = (torch.tensor(a, requires_grad=True) for a in (x, gamma, beta))
+    ty = torch.nn.functional.batch_norm(tx, None, None, tgamma, tbeta, training=True, eps=eps)
+    ty.backward(torch.tensor(gy))
+    axes = [0] + list(range(2, len(shape)))
+    t_var = tx.detach().var(dim=axes, unbiased=False)
+
+    for name, got, expected in [
+        ("y", y, ty.detach()), ("mean", mean, tx.detach().mean(dim=axes)),
+        ("invstd", invstd, 1 / torch.sqrt(t_var + eps)), ("gx", gx, tx.grad),
+        ("ggamma", ggamma, tgamma.grad), ("gbeta", gbeta, tbeta.grad),
+    ]:
+        assert got.dtype == dtype, name
+        assert_close(got, expected.numpy(), name=name, **tolerance(dtype))
+    np.testing.assert_array_equal(x, x_before)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("layout", LAYOUTS)
+@DTYPES
+@pytest.mark.parametrize("shape_id", list(NORM_SHAPES))
+def test_batch_norm_eval_matches_torch(torch, shape_id, dtype, layout):
+    shape = NORM_SHAPES[shape_id]
+    rng = np.random.default_rng(12)
+    channels = shape[1:2]
+    x = make_array(rng, shape, dtype, layout)
+    gamma, beta, running_mean = (make_array(rng, channels, dtype) for _ in range(3))
+    running_var = rng.uniform(0.5, 2.0, channels).astype(dtype)
+    y = norm.batch_norm_forward_eval(x, gamma, beta, running_mean, running_var, 1e-5)
+    ty = torch.nn.functional.batch_norm(
+        torch.tensor(x), torch.tensor(running_mean), torch.tensor(running_var),
+        torch.tensor(gamma), torch.tensor(beta), training=False, eps=1e-5)
+    assert y.dtype == dtype
+    assert_close(y, ty.numpy(), name="y", **tolerance(dtype))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("layout", LAYOUTS)
+@DTYPES
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("n", [1, 7], ids=["batch1", "batch7"])
+def test_linear_matches_torch(torch, n, with_bias, dtype, layout):
+    rng = np.random.default_rng(13)
+    x = make_array(rng, (n, 9), dtype, layout)
+    w = make_array(rng, (5, 9), dtype, layout)
+    b = make_array(rng, (5,), dtype) if with_bias else None
+    y = linear.linear_forward(x, w, b)
+    gy = make_array(rng, y.shape, dtype)
+    gx, gw, gb = linear.linear_backward(gy, x, w, need_b=with_bias)
+
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    tb = torch.tensor(b, requires_grad=True) if with_bias else None
+    ty = torch.nn.functional.linear(tx, tw, tb)
+    ty.backward(torch.tensor(gy))
+
+    checks = [("y", y, ty.detach()), ("gx", gx, tx.grad), ("gw", gw, tw.grad)]
+    if with_bias:
+        checks.append(("gb", gb, tb.grad))
+    else:
+        assert gb is None
+    for name, got, expected in checks:
+        assert got.dtype == dtype, name
+        assert_close(got, expected.numpy(), name=name, **tolerance(dtype))
