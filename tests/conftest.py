@@ -8,6 +8,7 @@ device) the same tests run on it; tests marked ``gpu`` need a real one and are s
 from __future__ import annotations
 
 import os
+import sys
 
 
 def _gpu_present() -> bool:
@@ -25,10 +26,10 @@ GPU = _gpu_present()
 if not GPU:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402 - after the simulator switch above
+import pytest  # noqa: E402
 
-from cnnfast import dispatch
+from cnnfast import dispatch  # noqa: E402
 
 # (device, cpu path) pairs every path-parametrised test runs on.
 PATHS = [("cpu", "reference"), ("cpu", "fast"), ("cuda", "fast")]
@@ -41,6 +42,24 @@ def path(request):
     device, cpu = request.param
     with dispatch.cpu_path(cpu):
         yield device
+
+
+@pytest.fixture(autouse=True)
+def small_simulator_launches():
+    """In the simulator: small GEMM tiles and blocks, and a short GIL switch interval (the
+    simulator runs one Python thread per CUDA thread and polls them at barriers; this makes it
+    several times faster). Tests of the GPU's default configuration open their own
+    ``launch_config``. On a real GPU the defaults stay."""
+    if GPU:
+        yield
+        return
+    from cnnfast.cuda import _runtime as rt
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5e-4)
+    with rt.launch_config(tiles=rt.SMALL_TILES, threads=32):
+        yield
+    sys.setswitchinterval(interval)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,1 +1,4 @@
-"""Numba CUDA kernels on CuPy arrays, or in Numba's CUDA simulator (contract in cnnfast.dispatch)."""
+"""Numba CUDA kernels on CuPy arrays, or in Numba's CUDA simulator.
+
+The kernel contract is in cnnfast.dispatch.
+"""

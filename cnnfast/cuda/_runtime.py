@@ -136,6 +136,10 @@ def zeros(shape, dtype, like):
     return xp_of(like).zeros(shape, dtype=dtype)
 
 
+def full(shape, value, dtype, like):
+    return xp_of(like).full(shape, value, dtype=dtype)
+
+
 def to_device_like(host: np.ndarray, like):
     """A host array copied to the device of ``like`` (small tables only)."""
     return xp_of(like).asarray(host)
@@ -163,15 +167,22 @@ def _as_kernel_arg(a):
     if is_cupy_array(a):
         # CuPy's stream is the launch stream, so Numba need not synchronise on it.
         return cuda.as_cuda_array(a, sync=False)
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        # The simulator copies array arguments back after the launch; a read-only input
+        # must not be written (kernels never modify their inputs, so nothing is lost).
+        return cuda.In(a)
     return a
 
 
-def launch(kernel, grid, block, *args) -> None:
-    """``kernel[grid, block](*args)`` on CuPy's current stream (or in the simulator)."""
-    if any(is_cupy_array(a) for a in args):
-        kernel[grid, block, _current_stream()](*[_as_kernel_arg(a) for a in args])
-    else:
-        kernel[grid, block](*args)
+def launch(kernel, grid, block, *args, shared_bytes: int = 0) -> None:
+    """``kernel[grid, block](*args)`` on CuPy's current stream, or in the simulator.
+
+    ``grid`` and ``block`` are ints or tuples; array arguments are CuPy arrays on a GPU and
+    NumPy arrays in the simulator. ``shared_bytes`` sizes ``cuda.shared.array(0, ...)``.
+    """
+    converted = [_as_kernel_arg(a) for a in args]
+    stream = _current_stream() if any(is_cupy_array(a) for a in args) else 0
+    kernel[grid, block, stream, shared_bytes](*converted)
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,552 @@
+"""CUDA convolution (2D and 3D): forward, backward data, backward weight, bias.
+
+Every convolution is an implicit GEMM: nothing is unfolded in memory; the GEMM operands are
+gathered straight from the NCDHW arrays while they are staged in shared memory. 2D runs as 3D
+with D = KD = SD = 1, PD = 0 and dilation 1 along depth. For one group g (Cg = C / G input
+channels, Kg = K / G filters, KVOL = KD * KH * KW taps, OSP = OD * OH * OW):
+
+==================  ======================  ==========  ===========================
+kernel              GEMM rows               GEMM cols   reduction
+==================  ======================  ==========  ===========================
+forward             N * OSP output points   Kg filters  Cg * KVOL  (c, kd, kh, kw)
+backward data       N * D * H * W inputs    Cg chans    Kg * KVOL  (k, kd, kh, kw)
+backward weight     Cg * KVOL  (c, taps)    Kg filters  N * OSP output points
+==================  ======================  ==========  ===========================
+
+Each block computes a ``block_m`` x ``block_n`` output tile (:class:`GemmTiles`), walking the
+reduction ``block_k`` at a time: every thread gathers a few operand elements of the next slice
+into registers (consecutive threads take consecutive memory positions, so loads coalesce) while
+the block multiplies the current slice out of shared memory; each thread accumulates a
+``micro_m`` x ``micro_n`` micro-tile in registers (rows ``tm + i * threads_m``, columns
+``tn + j * threads_n``, so shared-memory reads are conflict-free and stores coalesce).
+
+The (c, kd, kh, kw) -> memory offset decoding of a reduction index comes from a small int64 table
+built once per geometry and device (:func:`_x_taps`, :func:`_gy_taps`), so the loaders do no
+integer division, except backward data's stride-divisibility test (skipped at stride 1) and
+backward weight's one output-position decode per thread and slice. Backward data is a gather over
+the output positions each input element feeds (no atomics); backward weight splits its long
+reduction over ``gridDim.z`` blocks writing separate partial tiles that a second kernel sums in
+split order, so every result is deterministic. Flat offsets are int64.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import cuda
+
+from cnnfast.cuda import _runtime as rt
+from cnnfast.cuda.norm import channel_map, channel_sums
+
+Ints = tuple[int, ...]
+
+# Backward weight: enough blocks to fill a large GPU, each reducing at least this many slices.
+_TARGET_BLOCKS = 512
+_MIN_SLICES_PER_SPLIT = 8
+_MAX_SPLITS = 1024
+
+_X_TAP_COLUMNS = 4  # x offset of (c, kd, kh, kw) from the window corner; kd*DD, kh*DH, kw*DW
+_GY_TAP_COLUMNS = 5  # gy offset k*OSP; kd*DD, kh*DH, kw*DW; w offset of (k, taps) in a group
+
+
+def _geometry(x_shape: Ints, w_shape: Ints, stride: Ints, padding: Ints, dilation: Ints,
+              groups: int) -> tuple[int, ...]:
+    """(N, C, D, H, W, K, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW, G).
+
+    2D is lifted to 3D: D = KD = SD = DD = 1, PD = 0.
+    """
+    lift = 3 - (len(x_shape) - 2)  # 1 for 2D: prepend a depth axis of size 1
+    n, c, *size = (int(s) for s in x_shape)
+    k, _, *kernel = (int(s) for s in w_shape)
+    size = [1] * lift + size
+    kernel = [1] * lift + kernel
+    stride = [1] * lift + [int(s) for s in stride]
+    padding = [0] * lift + [int(p) for p in padding]
+    dilation = [1] * lift + [int(d) for d in dilation]
+    out = [(s + 2 * p - d * (ks - 1) - 1) // st + 1
+           for s, ks, st, p, d in zip(size, kernel, stride, padding, dilation)]
+    return (n, c, *size, k, *kernel, *stride, *padding, *dilation, *out, int(groups))
+
+
+def _x_taps(geo, like):
+    """Table (Cg * KVOL, 4) int64 for reduction index r = (c, kd, kh, kw) of an x gather.
+
+    Column 0 is the offset of x[c, d0 + kd*DD, h0 + kh*DH, w0 + kw*DW] from x[0, d0, h0, w0]
+    (channel c of the group); columns 1-3 are kd*DD, kh*DH, kw*DW for the bounds test.
+    """
+    (_, C, D, H, W, _, KD, KH, KW, _, _, _, _, _, _, DD, DH, DW, _, _, _, G) = geo
+    cg = C // G
+
+    def build():
+        c, kd, kh, kw = np.meshgrid(np.arange(cg), np.arange(KD), np.arange(KH), np.arange(KW),
+                                    indexing="ij")
+        dd, dh, dw = kd * DD, kh * DH, kw * DW
+        delta = c * (D * H * W) + (dd * H + dh) * W + dw
+        return np.stack([delta, dd, dh, dw], axis=-1).reshape(-1).astype(np.int64)
+
+    return rt.cached_table(("x", cg, KD, KH, KW, DD, DH, DW, D, H, W), build, like)
+
+
+def _gy_taps(geo, like):
+    """Table (Kg * KVOL, 5) int64 for reduction index r = (k, kd, kh, kw) of backward data.
+
+    Columns: k * OSP (offset of filter k's gy plane), kd*DD, kh*DH, kw*DW, and the offset of
+    w[k, 0, kd, kh, kw] within the group's filters (add c * KVOL for channel c).
+    """
+    (_, C, _, _, _, K, KD, KH, KW, _, _, _, _, _, _, DD, DH, DW, OD, OH, OW, G) = geo
+    cg, kg, kvol, osp = C // G, K // G, KD * KH * KW, OD * OH * OW
+
+    def build():
+        k, kd, kh, kw = np.meshgrid(np.arange(kg), np.arange(KD), np.arange(KH), np.arange(KW),
+                                    indexing="ij")
+        w_off = k * (cg * kvol) + (kd * KH + kh) * KW + kw
+        return np.stack([k * osp, kd * DD, kh * DH, kw * DW, w_off], axis=-1).reshape(-1).astype(
+            np.int64)
+
+    return rt.cached_table(("gy", cg, kg, KD, KH, KW, DD, DH, DW, osp), build, like)
+
+
+# --- kernels --------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _forward_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
+    BM, BN, BK = tiles.block_m, tiles.block_n, tiles.block_k
+    RM, RN, TM, TN, NT = (tiles.micro_m, tiles.micro_n, tiles.threads_m, tiles.threads_n,
+                          tiles.threads)
+    A_LOADS, A_STEP = BM * BK // NT, NT // BM  # x elements per thread per slice, kk between
+    B_LOADS, B_STEP = BN * BK // NT, NT // BK  # w elements per thread per slice, cols between
+    A_SHAPE, B_SHAPE = (BK, BM + 1), (BK, BN + 1)
+    TAPS = _X_TAP_COLUMNS
+    nbt = rt.nb_type(dtype)
+    zero = dtype.type(0)
+
+    @cuda.jit
+    def conv_forward_kernel(x, w, taps, y, geo):
+        # Each block computes a BM x BN tile of group g's y: BM output positions
+        # m = (n, od, oh, ow) by BN filters; each thread an RM x RN micro-tile of it.
+        (N, C, D, H, W, K, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW, G) = geo
+        cg = C // G
+        kg = K // G
+        red = cg * KD * KH * KW
+        osp = OD * OH * OW
+        rows = N * osp
+        tiles_n = (kg + BN - 1) // BN
+        g = cuda.blockIdx.y // tiles_n
+        n0 = (cuda.blockIdx.y % tiles_n) * BN
+        m0 = cuda.blockIdx.x * BM
+        t = cuda.threadIdx.x
+        tm = t % TM
+        tn = t // TM
+
+        a_tile = cuda.shared.array(A_SHAPE, nbt)
+        b_tile = cuda.shared.array(B_SHAPE, nbt)
+        acc = cuda.local.array((RM, RN), nbt)
+        a_next = cuda.local.array(A_LOADS, nbt)
+        b_next = cuda.local.array(B_LOADS, nbt)
+        a_frag = cuda.local.array(RM, nbt)
+        b_frag = cuda.local.array(RN, nbt)
+        for i in range(RM):
+            for j in range(RN):
+                acc[i, j] = zero
+
+        # The output position this thread gathers x for: the same in every slice.
+        a_row = t % BM
+        a_kk = t // BM
+        m = m0 + a_row
+        m_ok = m < rows
+        n = m // osp
+        o = m - n * osp
+        od = o // (OH * OW)
+        oh = (o // OW) % OH
+        ow = o % OW
+        d0 = od * SD - PD
+        h0 = oh * SH - PH
+        w0 = ow * SW - PW
+        x_corner = (n * C + g * cg) * (D * H * W) + (d0 * H + h0) * W + w0
+        # The reduction index (within a slice) this thread loads w at, and its first filter.
+        b_kk = t % BK
+        b_col = t // BK
+        w_group = g * kg * red
+
+        steps = (red + BK - 1) // BK
+        for s in range(steps + 1):
+            if s < steps:  # gather slice s into registers while slice s - 1 is multiplied
+                for li in range(A_LOADS):
+                    r = s * BK + a_kk + li * A_STEP
+                    v = zero
+                    if m_ok and r < red:
+                        d = d0 + taps[r * TAPS + 1]
+                        h = h0 + taps[r * TAPS + 2]
+                        ww = w0 + taps[r * TAPS + 3]
+                        if 0 <= d < D and 0 <= h < H and 0 <= ww < W:
+                            v = x[x_corner + taps[r * TAPS]]
+                    a_next[li] = v
+                r = s * BK + b_kk
+                for li in range(B_LOADS):
+                    k = n0 + b_col + li * B_STEP
+                    v = zero
+                    if r < red and k < kg:
+                        v = w[w_group + k * red + r]
+                    b_next[li] = v
+            if s > 0:
+                for kk in range(BK):
+                    for i in range(RM):
+                        a_frag[i] = a_tile[kk, tm + i * TM]
+                    for j in range(RN):
+                        b_frag[j] = b_tile[kk, tn + j * TN]
+                    for i in range(RM):
+                        for j in range(RN):
+                            acc[i, j] += a_frag[i] * b_frag[j]
+            cuda.syncthreads()
+            if s < steps:
+                for li in range(A_LOADS):
+                    a_tile[a_kk + li * A_STEP, a_row] = a_next[li]
+                for li in range(B_LOADS):
+                    b_tile[b_kk, b_col + li * B_STEP] = b_next[li]
+            cuda.syncthreads()
+
+        for i in range(RM):
+            m = m0 + tm + i * TM
+            if m < rows:
+                n = m // osp
+                y_row = (n * K + g * kg) * osp + (m - n * osp)
+                for j in range(RN):
+                    k = n0 + tn + j * TN
+                    if k < kg:
+                        y[y_row + k * osp] = acc[i, j]
+
+    return conv_forward_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
+    BM, BN, BK = tiles.block_m, tiles.block_n, tiles.block_k
+    RM, RN, TM, TN, NT = (tiles.micro_m, tiles.micro_n, tiles.threads_m, tiles.threads_n,
+                          tiles.threads)
+    A_LOADS, A_STEP = BM * BK // NT, NT // BM
+    B_LOADS, B_STEP = BN * BK // NT, NT // BK
+    A_SHAPE, B_SHAPE = (BK, BM + 1), (BK, BN + 1)
+    TAPS = _GY_TAP_COLUMNS
+    nbt = rt.nb_type(dtype)
+    zero = dtype.type(0)
+
+    @cuda.jit
+    def conv_backward_data_kernel(gy, w, taps, gx, geo):
+        # Each block computes a BM x BN tile of group g's gx: BM input positions
+        # m = (n, d, h, w) by BN channels; each thread an RM x RN micro-tile of it, gathering gy
+        # over the output positions whose window holds m (no atomics).
+        (N, C, D, H, W, K, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW, G) = geo
+        cg = C // G
+        kg = K // G
+        kvol = KD * KH * KW
+        red = kg * kvol
+        sp = D * H * W
+        osp = OD * OH * OW
+        rows = N * sp
+        tiles_n = (cg + BN - 1) // BN
+        g = cuda.blockIdx.y // tiles_n
+        n0 = (cuda.blockIdx.y % tiles_n) * BN
+        m0 = cuda.blockIdx.x * BM
+        t = cuda.threadIdx.x
+        tm = t % TM
+        tn = t // TM
+
+        a_tile = cuda.shared.array(A_SHAPE, nbt)
+        b_tile = cuda.shared.array(B_SHAPE, nbt)
+        acc = cuda.local.array((RM, RN), nbt)
+        a_next = cuda.local.array(A_LOADS, nbt)
+        b_next = cuda.local.array(B_LOADS, nbt)
+        a_frag = cuda.local.array(RM, nbt)
+        b_frag = cuda.local.array(RN, nbt)
+        for i in range(RM):
+            for j in range(RN):
+                acc[i, j] = zero
+
+        # The input position this thread gathers gy for, shifted into padded coordinates.
+        a_row = t % BM
+        a_kk = t // BM
+        m = m0 + a_row
+        m_ok = m < rows
+        n = m // sp
+        q = m - n * sp
+        pd = q // (H * W) + PD
+        ph = (q // W) % H + PH
+        pw = q % W + PW
+        gy_group = (n * K + g * kg) * osp
+        unit_stride = SD == 1 and SH == 1 and SW == 1
+        b_kk = t % BK
+        b_col = t // BK
+        w_group = g * kg * cg * kvol
+
+        steps = (red + BK - 1) // BK
+        for s in range(steps + 1):
+            if s < steps:
+                for li in range(A_LOADS):
+                    r = s * BK + a_kk + li * A_STEP
+                    v = zero
+                    if m_ok and r < red:
+                        # Output od meets input d through tap kd when od*SD + kd*DD == d + PD.
+                        ed = pd - taps[r * TAPS + 1]
+                        eh = ph - taps[r * TAPS + 2]
+                        ew = pw - taps[r * TAPS + 3]
+                        if ed >= 0 and eh >= 0 and ew >= 0:
+                            od = ed
+                            oh = eh
+                            ow = ew
+                            on_grid = True
+                            if not unit_stride:  # uniform branch: no divisions at stride 1
+                                od = ed // SD
+                                oh = eh // SH
+                                ow = ew // SW
+                                on_grid = od * SD == ed and oh * SH == eh and ow * SW == ew
+                            if on_grid and od < OD and oh < OH and ow < OW:
+                                v = gy[gy_group + taps[r * TAPS] + (od * OH + oh) * OW + ow]
+                    a_next[li] = v
+                r = s * BK + b_kk
+                for li in range(B_LOADS):
+                    c = n0 + b_col + li * B_STEP
+                    v = zero
+                    if r < red and c < cg:
+                        v = w[w_group + taps[r * TAPS + 4] + c * kvol]
+                    b_next[li] = v
+            if s > 0:
+                for kk in range(BK):
+                    for i in range(RM):
+                        a_frag[i] = a_tile[kk, tm + i * TM]
+                    for j in range(RN):
+                        b_frag[j] = b_tile[kk, tn + j * TN]
+                    for i in range(RM):
+                        for j in range(RN):
+                            acc[i, j] += a_frag[i] * b_frag[j]
+            cuda.syncthreads()
+            if s < steps:
+                for li in range(A_LOADS):
+                    a_tile[a_kk + li * A_STEP, a_row] = a_next[li]
+                for li in range(B_LOADS):
+                    b_tile[b_kk, b_col + li * B_STEP] = b_next[li]
+            cuda.syncthreads()
+
+        for i in range(RM):
+            m = m0 + tm + i * TM
+            if m < rows:
+                n = m // sp
+                gx_row = (n * C + g * cg) * sp + (m - n * sp)
+                for j in range(RN):
+                    c = n0 + tn + j * TN
+                    if c < cg:
+                        gx[gx_row + c * sp] = acc[i, j]
+
+    return conv_backward_data_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_weight_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
+    BM, BN, BK = tiles.block_m, tiles.block_n, tiles.block_k
+    RM, RN, TM, TN, NT = (tiles.micro_m, tiles.micro_n, tiles.threads_m, tiles.threads_n,
+                          tiles.threads)
+    LOAD_STEP = NT // BK  # tile rows (or cols) between one thread's loads
+    A_LOADS, B_LOADS = BM * BK // NT, BN * BK // NT
+    A_SHAPE, B_SHAPE = (BK, BM + 1), (BK, BN + 1)
+    TAPS = _X_TAP_COLUMNS
+    nbt = rt.nb_type(dtype)
+    zero = dtype.type(0)
+
+    @cuda.jit
+    def conv_backward_weight_kernel(gy, x, taps, part, geo, chunk):
+        # Each block computes a BM x BN tile of group g's gw^T, BM reduction columns
+        # r = (c, kd, kh, kw) by BN filters, summed over output positions
+        # [blockIdx.z * chunk, (blockIdx.z + 1) * chunk) only; each thread an RM x RN
+        # micro-tile. Split z writes its partial to part[z] (gw itself when there is one split).
+        (N, C, D, H, W, K, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW, G) = geo
+        cg = C // G
+        kg = K // G
+        red = cg * KD * KH * KW
+        osp = OD * OH * OW
+        total = N * osp
+        tiles_n = (kg + BN - 1) // BN
+        g = cuda.blockIdx.y // tiles_n
+        n0 = (cuda.blockIdx.y % tiles_n) * BN
+        m0 = cuda.blockIdx.x * BM
+        z = cuda.blockIdx.z
+        t = cuda.threadIdx.x
+        tm = t % TM
+        tn = t // TM
+
+        a_tile = cuda.shared.array(A_SHAPE, nbt)
+        b_tile = cuda.shared.array(B_SHAPE, nbt)
+        acc = cuda.local.array((RM, RN), nbt)
+        a_next = cuda.local.array(A_LOADS, nbt)
+        b_next = cuda.local.array(B_LOADS, nbt)
+        a_frag = cuda.local.array(RM, nbt)
+        b_frag = cuda.local.array(RN, nbt)
+        for i in range(RM):
+            for j in range(RN):
+                acc[i, j] = zero
+
+        # Both operands are loaded along the reduction (output positions), which is contiguous
+        # in gy and strided by SW in x: each thread owns one output position per slice.
+        kk_own = t % BK
+        col0 = t // BK
+        start = z * chunk
+        end = min(total, start + chunk)
+        steps = (end - start + BK - 1) // BK
+        for s in range(steps + 1):
+            if s < steps:
+                p = start + s * BK + kk_own
+                p_ok = p < end
+                n = p // osp
+                o = p - n * osp
+                od = o // (OH * OW)
+                oh = (o // OW) % OH
+                ow = o % OW
+                d0 = od * SD - PD
+                h0 = oh * SH - PH
+                w0 = ow * SW - PW
+                x_corner = (n * C + g * cg) * (D * H * W) + (d0 * H + h0) * W + w0
+                gy_pos = (n * K + g * kg) * osp + o
+                for li in range(A_LOADS):
+                    r = m0 + col0 + li * LOAD_STEP
+                    v = zero
+                    if p_ok and r < red:
+                        d = d0 + taps[r * TAPS + 1]
+                        h = h0 + taps[r * TAPS + 2]
+                        ww = w0 + taps[r * TAPS + 3]
+                        if 0 <= d < D and 0 <= h < H and 0 <= ww < W:
+                            v = x[x_corner + taps[r * TAPS]]
+                    a_next[li] = v
+                for li in range(B_LOADS):
+                    k = n0 + col0 + li * LOAD_STEP
+                    v = zero
+                    if p_ok and k < kg:
+                        v = gy[gy_pos + k * osp]
+                    b_next[li] = v
+            if s > 0:
+                for kk in range(BK):
+                    for i in range(RM):
+                        a_frag[i] = a_tile[kk, tm + i * TM]
+                    for j in range(RN):
+                        b_frag[j] = b_tile[kk, tn + j * TN]
+                    for i in range(RM):
+                        for j in range(RN):
+                            acc[i, j] += a_frag[i] * b_frag[j]
+            cuda.syncthreads()
+            if s < steps:
+                for li in range(A_LOADS):
+                    a_tile[kk_own, col0 + li * LOAD_STEP] = a_next[li]
+                for li in range(B_LOADS):
+                    b_tile[kk_own, col0 + li * LOAD_STEP] = b_next[li]
+            cuda.syncthreads()
+
+        part_base = z * K * red + g * kg * red
+        for j in range(RN):
+            k = n0 + tn + j * TN
+            if k < kg:
+                for i in range(RM):
+                    r = m0 + tm + i * TM
+                    if r < red:
+                        part[part_base + k * red + r] = acc[i, j]
+
+    return conv_backward_weight_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _sum_splits_kernel(dtype: np.dtype):
+    @cuda.jit
+    def sum_splits_kernel(part, gw, splits, size):
+        # Each thread sums gw element i (grid-stride over i) over the splits, in split order.
+        i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        while i < size:
+            total = part[i]
+            for s in range(1, splits):
+                total += part[s * size + i]
+            gw[i] = total
+            i += cuda.gridDim.x * cuda.blockDim.x
+
+    return sum_splits_kernel
+
+
+# --- contract functions ---------------------------------------------------------------------
+
+def _out_shape(geo, nd: int) -> tuple[int, ...]:
+    return (geo[0], geo[5]) + tuple(geo[21 - nd:21])
+
+
+def conv_forward(x, w, stride: Ints, padding: Ints, dilation: Ints, groups: int):
+    """x (N, C, *S), w (K, C // groups, *KS) -> y (N, K, *O), cross-correlation like PyTorch."""
+    nd = x.ndim - 2
+    geo = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    y = rt.empty(_out_shape(geo, nd), x.dtype, like=x)
+    if y.size == 0:
+        return y
+    tiles = rt.current_config().tiles
+    kg = geo[5] // groups
+    grid = (rt.cdiv(y.size // geo[5], tiles.block_m), groups * rt.cdiv(kg, tiles.block_n))
+    rt.launch(_forward_kernel(tiles, np.dtype(x.dtype)), grid, tiles.threads,
+              rt.flat(x), rt.flat(w), _x_taps(geo, like=x), y.reshape(-1), geo)
+    return y
+
+
+def conv_backward_data(gy, w, x_shape: Ints, stride: Ints, padding: Ints, dilation: Ints,
+                       groups: int):
+    """gy (N, K, *O), w (K, C // groups, *KS) -> gx (x_shape = (N, C, *S))."""
+    geo = _geometry(x_shape, w.shape, stride, padding, dilation, groups)
+    gx = rt.empty(tuple(int(s) for s in x_shape), gy.dtype, like=gy)
+    if gx.size == 0:
+        return gx
+    if gy.size == 0:
+        gx[...] = 0
+        return gx
+    tiles = rt.current_config().tiles
+    cg = geo[1] // groups
+    grid = (rt.cdiv(gx.size // geo[1], tiles.block_m), groups * rt.cdiv(cg, tiles.block_n))
+    rt.launch(_backward_data_kernel(tiles, np.dtype(gy.dtype)), grid, tiles.threads,
+              rt.flat(gy), rt.flat(w), _gy_taps(geo, like=gy), gx.reshape(-1), geo)
+    return gx
+
+
+def _weight_splits(total: int, tile_blocks: int, block_k: int) -> int:
+    """How many blocks share backward weight's reduction over ``total`` output positions."""
+    wanted = rt.cdiv(_TARGET_BLOCKS, tile_blocks)
+    most = rt.cdiv(total, _MIN_SLICES_PER_SPLIT * block_k)
+    return max(1, min(wanted, most, _MAX_SPLITS))
+
+
+def conv_backward_weight(gy, x, w_shape: Ints, stride: Ints, padding: Ints, dilation: Ints,
+                         groups: int):
+    """gy (N, K, *O), x (N, C, *S) -> gw (w_shape = (K, C // groups, *KS))."""
+    geo = _geometry(x.shape, w_shape, stride, padding, dilation, groups)
+    gw = rt.empty(tuple(int(s) for s in w_shape), gy.dtype, like=gy)
+    if gw.size == 0:
+        return gw
+    total = gy.size // geo[5] if geo[5] else 0  # N * OSP output positions
+    if total == 0:
+        gw[...] = 0
+        return gw
+    tiles = rt.current_config().tiles
+    kg = geo[5] // groups
+    red = gw.size // geo[5]
+    tile_blocks = rt.cdiv(red, tiles.block_m) * groups * rt.cdiv(kg, tiles.block_n)
+    splits = _weight_splits(total, tile_blocks, tiles.block_k)
+    chunk = rt.cdiv(rt.cdiv(total, splits), tiles.block_k) * tiles.block_k
+    splits = rt.cdiv(total, chunk)
+    part = gw.reshape(-1) if splits == 1 else rt.empty(splits * gw.size, gy.dtype, like=gy)
+    grid = (rt.cdiv(red, tiles.block_m), groups * rt.cdiv(kg, tiles.block_n), splits)
+    rt.launch(_backward_weight_kernel(tiles, np.dtype(gy.dtype)), grid, tiles.threads,
+              rt.flat(gy), rt.flat(x), _x_taps(geo, like=x), part, geo, chunk)
+    if splits > 1:
+        threads = rt.current_config().threads
+        blocks = min(rt.cdiv(gw.size, threads), 4096)
+        rt.launch(_sum_splits_kernel(np.dtype(gy.dtype)), blocks, threads,
+                  part, gw.reshape(-1), splits, gw.size)
+    return gw
+
+
+def bias_add(y, b):
+    """y (N, K, *O) + b (K,) broadcast over the channel axis -> a new (N, K, *O) array."""
+    return channel_map("bias", y, p=b)
+
+
+def bias_grad(gy):
+    """gy (N, K, *O) -> gb (K,): gy summed over every axis but 1 (fixed-order block reductions)."""
+    return channel_sums("sum", gy, dtype=gy.dtype)[0]
