@@ -26,6 +26,7 @@ Files written by :func:`save_npz` may also hold ``task`` and ``label_names``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -163,7 +164,8 @@ MEDMNIST: dict[str, MedMNISTInfo] = dict([
 
 @dataclass
 class Split:
-    """One split: ``images`` ``(N, C, H, W)`` or ``(N, C, D, H, W)``, ``labels`` ``(N, L)`` int64."""
+    """One split: ``images`` ``(N, C, H, W)`` or ``(N, C, D, H, W)``; ``labels`` ``(N, L)``
+    int64."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -493,9 +495,11 @@ def download(name: str, size: int | None = None, root: str | os.PathLike | None 
     base_url = base_url or os.environ.get("CNNFAST_MEDMNIST_URL")
     url = info.url(size, base_url)
     expected = md5 or info.md5[size]
+    created = [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.NamedTemporaryFile(dir=root, prefix=f".{target.name}.", suffix=".part",
                                       delete=False)
+    ok = False
     try:
         with tmp:
             _fetch(url, tmp, progress=progress, timeout=timeout, desc=target.name)
@@ -505,6 +509,11 @@ def download(name: str, size: int | None = None, root: str | os.PathLike | None 
                                 f"{expected}: the file is damaged or not the MedMNIST release; "
                                 "nothing was kept")
         os.replace(tmp.name, target)
+        ok = True
+    except urllib.error.HTTPError as exc:
+        raise DownloadError(f"could not download {target.name} from {url}: the server answered "
+                            f"HTTP {exc.code} {exc.reason}; check the dataset name and size, or "
+                            "--base-url") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise DownloadError(
@@ -514,6 +523,10 @@ def download(name: str, size: int | None = None, root: str | os.PathLike | None 
     finally:
         if os.path.exists(tmp.name):
             os.remove(tmp.name)
+        if not ok:  # leave no empty directories behind either
+            for directory in created:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
     return target
 
 

@@ -31,6 +31,8 @@ bytes. Images are ``uint8`` like MedMNIST's, so :class:`cnnfast.data.Normalizati
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from cnnfast.data import BINARY, MULTILABEL, SPLITS, MedicalDataset, Split
@@ -40,8 +42,8 @@ FINDINGS = ("opacity", "nodule", "mass", "atelectasis", "cardiomegaly", "pneumot
 
 # name -> (generator, default keyword arguments); used by cnnfast.data.load_dataset
 DEFAULT_SIZES = {
-    "synthetic-nodule2d": {"spatial_dims": 2, "size": 28, "n_train": 2000, "n_val": 400,
-                           "n_test": 1000},
+    "synthetic-nodule2d": {"spatial_dims": 2, "size": 28, "n_train": 3000, "n_val": 500,
+                           "n_test": 1000},  # the dataset of `cnnfast demo`
     "synthetic-nodule3d": {"spatial_dims": 3, "size": 16, "n_train": 600, "n_val": 150,
                            "n_test": 300},
     "synthetic-chestxray": {"size": 28, "n_train": 3000, "n_val": 500, "n_test": 1000},
@@ -84,22 +86,24 @@ def _segment(coords: np.ndarray, p0, p1, sigma: float) -> np.ndarray:
     return np.exp(-d2 / (2 * sigma * sigma))
 
 
+@functools.lru_cache(maxsize=16)
+def _lowpass(shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """The Fourier transfer function of a Gaussian blur of ``sigma`` pixels (periodic)."""
+    freqs = np.meshgrid(*[np.fft.fftfreq(s) for s in shape], indexing="ij")
+    return np.exp(-2 * (np.pi * sigma) ** 2 * sum(f * f for f in freqs))
+
+
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     """White noise low-passed with a Gaussian of ``sigma`` pixels, rescaled to unit std."""
-    noise = rng.standard_normal(shape)
-    freqs = np.meshgrid(*[np.fft.fftfreq(s) for s in shape], indexing="ij")
-    k2 = sum(f * f for f in freqs)
-    out = np.fft.ifftn(np.fft.fftn(noise) * np.exp(-2 * (np.pi * sigma) ** 2 * k2)).real
+    out = np.fft.ifftn(np.fft.fftn(rng.standard_normal(shape)) * _lowpass(shape, sigma)).real
     return (out / (out.std() + 1e-8)).astype(np.float32)
 
 
-def _point_inside(rng: np.random.Generator, mask: np.ndarray, margin_mask: np.ndarray | None = None
-                  ) -> np.ndarray:
-    """A uniformly drawn pixel centre (float coords) where ``mask`` (bool) holds."""
-    where = np.argwhere(mask if margin_mask is None or not margin_mask.any() else margin_mask)
-    if len(where) == 0:
-        where = np.argwhere(np.ones_like(mask, dtype=bool))
-    return where[rng.integers(len(where))].astype(np.float32) + rng.uniform(-0.5, 0.5, mask.ndim)
+def _pick(rng: np.random.Generator, candidates: np.ndarray) -> np.ndarray:
+    """A random point (float coords, jittered within its pixel) from ``candidates`` ``(M, nd)``,
+    the ``np.argwhere`` of a mask."""
+    return candidates[rng.integers(len(candidates))].astype(np.float32) + rng.uniform(
+        -0.5, 0.5, candidates.shape[1]).astype(np.float32)
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
@@ -137,10 +141,15 @@ def _chest_ct(rng: np.random.Generator, coords: np.ndarray, size: int, nodule: b
         lungs = np.maximum(lungs, m)
     img = img * (1 - lungs) + lungs * (lung_level + texture)
 
+    # Nuisances shared by both classes, sized so that overall brightness says little about a
+    # nodule: faint ground-glass patches, and a varying number of vessels.
+    inside = np.argwhere(lungs > 0.5)
+    for _ in range(rng.integers(0, 3)):
+        img = img + lungs * rng.uniform(0.04, 0.1) * _gaussian_spot(
+            coords, _pick(rng, inside), rng.uniform(2.5, 4.5) * s)
     vessels = np.zeros_like(img)
-    inside = lungs > 0.5
-    for _ in range(rng.integers(3, 9)):  # tubes: elongated in 2D, long in 3D
-        p0 = _point_inside(rng, inside)
+    for _ in range(rng.integers(2, 12)):  # tubes: elongated in 2D, long in 3D
+        p0 = _pick(rng, inside)
         direction = rng.normal(size=nd)
         direction /= np.linalg.norm(direction)
         length = rng.uniform(2.5, 7.0 if nd == 2 else 12.0) * s
@@ -148,20 +157,16 @@ def _chest_ct(rng: np.random.Generator, coords: np.ndarray, size: int, nodule: b
                              * _segment(coords, p0, p0 + length * direction,
                                         rng.uniform(0.45, 0.75) * s))
     if nd == 2:  # vessels cut across: small round dots, smaller than a nodule
-        for _ in range(rng.integers(2, 8)):
-            vessels = np.maximum(vessels, rng.uniform(0.12, 0.35)
-                                 * _gaussian_spot(coords, _point_inside(rng, inside),
-                                                  rng.uniform(0.45, 0.8) * s))
+        for _ in range(rng.integers(1, 9)):
+            vessels = np.maximum(vessels, rng.uniform(0.12, 0.35) * _gaussian_spot(
+                coords, _pick(rng, inside), rng.uniform(0.45, 0.8) * s))
     img = img + vessels * lungs
 
-    if nodule:
-        radius = rng.uniform(1.2, 3.2) * s
+    if nodule:  # anywhere in either lung, juxtapleural ones included
         side = lung_masks[rng.integers(2)]
-        # prefer a centre at least a radius inside the chosen lung
-        deep = side > _sigmoid(np.float32(radius / 0.7))
-        center = _point_inside(rng, side > 0.5, deep)
-        blob = _ellipsoid(coords, center, [radius] * nd, edge=0.5)
-        img = img + rng.uniform(0.16, 0.42) * blob
+        center = _pick(rng, np.argwhere(side > 0.5))
+        blob = _ellipsoid(coords, center, [rng.uniform(1.2, 3.2) * s] * nd, edge=0.5)
+        img = img + rng.uniform(0.18, 0.42) * blob
 
     img = img + rng.normal(0, rng.uniform(0.012, 0.03), img.shape).astype(np.float32)
     img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.04, 0.04)
@@ -216,24 +221,24 @@ def _chest_xray(rng: np.random.Generator, coords: np.ndarray, size: int, finding
         c = (cy - 1.0 * s + rng.normal(0, 0.3 * s), cx + sign * rng.uniform(5.8, 6.4) * s)
         r = [rng.uniform(8.8, 9.8) * s, rng.uniform(4.0, 4.6) * s]
         if atelectasis and side == sick:  # volume loss: the base is pulled up
-            c = (c[0] - 2.2 * s, c[1])
-            r[0] -= 2.2 * s
+            lift = rng.uniform(0.8, 2.2) * s
+            c = (c[0] - lift, c[1])
+            r[0] -= lift
         lungs.append((c, r, _ellipsoid(coords, c, r, edge=0.8)))
     lung = np.maximum(lungs[0][2], lungs[1][2])
     img = img * (1 - lung) + lung * (lung_level + texture + ribs)
 
-    if cardiomegaly:
-        heart_w = rng.uniform(7.6, 9.0) * s
-    else:
-        heart_w = rng.uniform(4.6, 5.6) * s
+    # the widths overlap a little, as cardiothoracic ratios near the cut-off do
+    heart_w = rng.uniform(5.6, 8.6) * s if cardiomegaly else rng.uniform(4.4, 6.0) * s
     heart = _ellipsoid(coords, (cy + 4.5 * s, cx + 0.8 * s), (4.6 * s, heart_w), edge=0.8)
     img = np.maximum(img, heart * rng.uniform(0.55, 0.65))
 
     (lc, lr, lmask) = lungs[sick]
-    inner = lmask > 0.5
 
     def inside_lung(margin: float) -> np.ndarray:
-        return _point_inside(rng, inner, lmask > _sigmoid(np.float32(margin / 0.8)))
+        """A point at least about ``margin`` pixels inside the affected lung."""
+        deep = np.argwhere(lmask > _sigmoid(np.float32(margin / 0.8)))
+        return _pick(rng, deep if len(deep) else np.argwhere(lmask > 0.5))
 
     if opacity:
         c = inside_lung(2.0 * s)
@@ -250,13 +255,13 @@ def _chest_xray(rng: np.random.Generator, coords: np.ndarray, size: int, finding
         tilt = rng.uniform(-1.0, 1.0) * s
         band = _segment(coords, (y0 - tilt, lc[1] - lr[1] * 0.8), (y0 + tilt, lc[1] + lr[1] * 0.8),
                         0.55 * s)
-        img = img + rng.uniform(0.2, 0.3) * band * lmask
+        img = img + rng.uniform(0.12, 0.3) * band * lmask
     if pneumothorax:  # air beyond a pleural line along the outer edge: dark, no lung markings
         outward = -1 if sick == 0 else 1
-        edge_c = (lc[0] + lr[0] * 0.1, lc[1] - outward * lr[1] * rng.uniform(0.25, 0.4))
+        edge_c = (lc[0] + lr[0] * 0.1, lc[1] - outward * lr[1] * rng.uniform(0.12, 0.4))
         collapsed = _ellipsoid(coords, edge_c, (lr[0] * 0.9, lr[1] * 0.7), edge=0.5)
         rim = lmask * (1 - collapsed)
-        air = rng.uniform(0.0, 0.04)
+        air = rng.uniform(0.0, 0.08)
         img = img * (1 - rim) + rim * air
         pleura = lmask * np.exp(-((collapsed - 0.5) ** 2) / 0.02)
         img = img + 0.15 * pleura * (1 - collapsed)
@@ -293,7 +298,7 @@ def _split_seeds(seed: int) -> list[int]:
     return [int(c.generate_state(1)[0]) for c in children]
 
 
-def nodule_dataset(n_train: int = 2000, n_val: int = 400, n_test: int = 1000, seed: int = 0,
+def nodule_dataset(n_train: int = 3000, n_val: int = 500, n_test: int = 1000, seed: int = 0,
                    spatial_dims: int = 2, size: int | None = None) -> MedicalDataset:
     """The synthetic nodule task as a :class:`~cnnfast.data.MedicalDataset` (binary).
 

@@ -1,0 +1,296 @@
+"""The benchmark runner's logic on tiny shapes: the correctness gate, the JSON report, --compare,
+command-line errors, and the ResNet-18 shapes it derives. No timing is asserted."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+
+import cnnfast
+from cnnfast import bench, dispatch
+
+
+@pytest.fixture(autouse=True)
+def _short_samples(monkeypatch):
+    monkeypatch.setattr(bench, "MIN_SAMPLE_S", 0.001)
+
+
+def _options(**kw) -> bench.Options:
+    base = {"ops": ("conv",), "shapes": ("tiny.conv2d",), "paths": ("reference",), "models": (),
+            "repeats": 2, "memory_steps": 0, "progress": False, "threads": 0}
+    base.update(kw)
+    return bench.Options(**base)
+
+
+class WrongPath(bench.KernelCandidate):
+    """The reference kernels with every output scaled by 1.01: a deliberately wrong path."""
+
+    def __init__(self):
+        super().__init__("reference")
+        self.name = "wrong"
+        self.calls = 0
+
+    def op_fn(self, item, inputs):
+        fn = super().op_fn(item, inputs)
+
+        def wrong():
+            self.calls += 1
+            return tuple(o * o.dtype.type(1.01) if o.dtype.kind == "f" else o for o in fn())
+        return wrong
+
+
+def _rows(report, path):
+    return [r for r in report["results"] if r["path"] == path]
+
+
+def test_wrong_path_is_flagged_and_never_timed():
+    wrong = WrongPath()
+    report = bench.run_benchmarks(_options(), [bench.KernelCandidate("reference"), wrong])
+    wrong_rows = _rows(report, "wrong")
+    assert [r["phase"] for r in wrong_rows] == ["fwd", "bwd_data", "bwd_weight"]
+    for r in wrong_rows:
+        assert r["status"] == "WRONG"
+        assert "relative error" in r["reason"]
+        assert r["median_s"] is None and "times_s" not in r
+    assert wrong.calls == 3  # one check call per item, no warm-up, no repeats
+    for r in _rows(report, "reference"):
+        assert r["status"] == "ok" and r["median_s"] > 0 and len(r["times_s"]) == 2
+    table = bench.format_table(report)
+    assert "WRONG" in table and "oracle" in table
+
+
+def test_raising_path_is_reported_as_error():
+    class Broken(bench.KernelCandidate):
+        def __init__(self):
+            super().__init__("reference")
+            self.name = "broken"
+
+        def op_fn(self, item, inputs):
+            def fail():
+                raise RuntimeError("kernel exploded")
+            return fail
+
+    report = bench.run_benchmarks(_options(shapes=("tiny.act",), ops=("relu",)),
+                                  [bench.KernelCandidate("reference"), Broken()])
+    rows = _rows(report, "broken")
+    assert {r["status"] for r in rows} == {"ERROR"}
+    assert "kernel exploded" in rows[0]["reason"]
+
+
+def test_unavailable_family_is_skipped_with_a_reason():
+    class NoPool(bench.KernelCandidate):
+        def __init__(self):
+            super().__init__("reference")
+            self.name = "nopool"
+
+        def unavailable_for(self, item):
+            return "pool kernels not written yet" if item.family == "pool" else None
+
+    report = bench.run_benchmarks(_options(shapes=("tiny.act",), ops=("pool", "relu")),
+                                  [bench.KernelCandidate("reference"), NoPool()])
+    statuses = {(r["op"], r["status"]) for r in _rows(report, "nopool")}
+    assert statuses == {("pool", "skipped"), ("relu", "ok")}
+    assert "pool kernels not written yet" in bench.format_table(report)
+
+
+def test_torch_peer_agrees_with_reference_on_every_op():
+    pytest.importorskip("torch")
+    report = bench.run_benchmarks(_options(ops=("conv", "pool", "relu", "bn"),
+                                           shapes=("tiny.conv2d.s2", "tiny.conv3d", "tiny.act"),
+                                           paths=("reference", "torch"), repeats=1))
+    torch_rows = _rows(report, "torch")
+    assert len(torch_rows) == 3 * 2 + 4 + 2 + 2
+    bad = [(r["id"], r["status"], r["reason"]) for r in torch_rows if r["status"] != "ok"]
+    assert not bad
+    for r in _rows(report, "reference"):
+        assert r["vs_torch"] is not None and r["vs_torch"] > 0
+
+
+def test_report_json_has_machine_versions_options_and_figures(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    argv = ["--ops", "conv,relu,step", "--shapes", "tiny.conv2d,tiny.act", "--paths",
+            "reference", "--models", "smallcnn", "--step-batch", "4", "--memory-steps", "3",
+            "--repeats", "2", "--no-progress", "--out", str(out)]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "median" in printed and "memory growth" in printed and str(out) in printed
+    report = json.loads(out.read_text())
+    assert report["schema"] == bench.SCHEMA
+    machine = report["machine"]
+    for key in ("cpu", "cores", "threads_available", "gpu", "platform"):
+        assert key in machine
+    assert machine["cores"] >= 1
+    for key in ("python", "numpy", "numba", "torch", "cnnfast"):
+        assert key in report["versions"]
+    assert report["versions"]["cnnfast"] == cnnfast.__version__
+    assert report["options"]["repeats"] == 2
+    conv = [r for r in report["results"] if r["op"] == "conv"]
+    assert len(conv) == 3
+    for r in conv:
+        assert r["status"] == "ok" and r["median_s"] > 0 and r["gflops"] > 0
+        assert r["min_s"] <= r["median_s"] and r["iqr_s"] >= 0 and r["first_call_s"] > 0
+        assert math.isclose(r["gflop"], 2 * 2 * 4 * 7 * 6 * 3 * 9 / 1e9)
+    step = next(r for r in report["results"] if r["op"] == "step")
+    assert step["status"] == "ok" and step["batch"] == 4 and step["gflop"] > 0
+    assert step["peak_rss_mb"] is not None and step["peak_traced_mb"] > 0
+    (growth,) = report["memory"]
+    assert growth["model"] == "smallcnn" and growth["steps"] == 3
+    assert isinstance(growth["growth_mb"], float)
+
+
+def _write(path, report):
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+def _fake_report(medians: dict[str, float], status: str = "ok") -> dict:
+    return {"schema": bench.SCHEMA, "machine": {"cpu": "test cpu"},
+            "results": [{"id": item, "path": "cpu", "status": status, "reason": None,
+                         "median_s": t} for item, t in medians.items()]}
+
+
+def test_compare_flags_a_regression(tmp_path, capsys):
+    old = _write(tmp_path / "old.json", _fake_report({"conv.fwd/a": 1.0, "conv.fwd/b": 2.0}))
+    slower = _write(tmp_path / "new.json", _fake_report({"conv.fwd/a": 1.05, "conv.fwd/b": 2.5}))
+    assert bench.main(["--compare", old, slower]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION" in out and "conv.fwd/b" in out and "25% slower" in out
+    assert "1 regression(s)" in out
+    assert bench.main(["--compare", old, slower, "--threshold", "0.3"]) == 0
+    assert bench.main(["--compare", old, old]) == 0
+
+
+def test_compare_relative_to_torch_cancels_a_slower_machine(tmp_path, capsys):
+    def report(cpu_s, torch_s):
+        rows = [{"id": "conv.fwd/a", "path": p, "status": "ok", "reason": None, "median_s": t,
+                 "vs_torch": torch_s / t} for p, t in (("cpu", cpu_s), ("torch", torch_s))]
+        return {"schema": bench.SCHEMA, "machine": {"cpu": "test cpu"}, "results": rows}
+
+    old = _write(tmp_path / "old.json", report(1.0, 1.0))
+    busier = _write(tmp_path / "busier.json", report(2.0, 2.0))   # everything 2x slower
+    assert bench.main(["--compare", old, busier]) == 1
+    assert bench.main(["--compare", old, busier, "--metric", "vs_torch"]) == 0
+    worse = _write(tmp_path / "worse.json", report(1.5, 1.0))      # cpu alone got slower
+    assert bench.main(["--compare", old, worse, "--metric", "vs_torch"]) == 1
+    assert "50% slower relative to torch" in capsys.readouterr().out
+
+
+def test_compare_flags_a_path_that_became_wrong(tmp_path, capsys):
+    old = _write(tmp_path / "old.json", _fake_report({"conv.fwd/a": 1.0}))
+    new_report = _fake_report({"conv.fwd/a": None}, status="WRONG")
+    new = _write(tmp_path / "new.json", new_report)
+    assert bench.main(["--compare", old, new]) == 1
+    assert "now WRONG" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--paths", "reference,gpu"], "unknown path 'gpu'"),
+    (["--ops", "conv,softmax"], "unknown op 'softmax'"),
+    (["--models", "vgg16"], "unknown model 'vgg16'"),
+    (["--shapes", "r18-99"], "unknown shape 'r18-99'"),
+    (["--repeats", "0"], "--repeats must be a positive number"),
+    (["--repeats", "many"], "invalid int value"),
+    (["--check-batch", "-3"], "--check-batch"),
+    (["--frobnicate"], "unrecognized arguments"),
+    (["--compare", "/nonexistent/old.json", "/nonexistent/new.json"], "cannot read"),
+])
+def test_bad_input_exits_2_with_one_clear_line(argv, message, capsys):
+    assert bench.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("cnnfast bench: error:") and message in lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_compare_refuses_a_file_that_is_not_a_report(tmp_path, capsys):
+    junk = tmp_path / "junk.json"
+    junk.write_text("{not json")
+    other = _write(tmp_path / "other.json", {"hello": 1})
+    assert bench.main(["--compare", str(junk), other]) == 2
+    assert "is not JSON" in capsys.readouterr().err
+    assert bench.main(["--compare", other, other]) == 2
+    assert "not a cnnfast bench report" in capsys.readouterr().err
+
+
+def test_resnet18_shapes_match_the_model():
+    """The derived unique conv shapes are exactly those resnet18 (3x3 stride-1 stem) runs."""
+    from cnnfast import models
+
+    derived = bench.resnet18_conv_shapes(28, 2, batch=1)
+    assert len(derived) == 11
+    model = models.resnet18(in_channels=bench.IN_CHANNELS, num_classes=2, stem="small")
+    records: list = []
+    x = np.random.default_rng(0).standard_normal((1, bench.IN_CHANNELS, 28, 28))
+    with dispatch.cpu_path("reference"), cnnfast.no_grad(), \
+            bench._record_layers(model, records):
+        model(cnnfast.tensor(x.astype(np.float32)))
+    convs = {m.weight.shape: m for m in model.modules() if isinstance(m, cnnfast.nn.Conv2d)}
+    assert convs
+    seen = set()
+    for kind, x_shape, w_shape, y_shape, _ in records:
+        if kind != "Conv2d":
+            continue
+        m = next(c for c in model.modules()
+                 if isinstance(c, cnnfast.nn.Conv2d) and c.weight.shape == w_shape)
+        seen.add((x_shape[1], w_shape[0], x_shape[2:], w_shape[2:], m.stride, m.padding,
+                  y_shape[2:]))
+    expected = {(s.C, s.K, s.size, s.kernel, s.stride, s.padding, s.out) for s in derived}
+    assert seen == expected
+    sizes_3d = [s.size for s in bench.resnet18_conv_shapes(28, 3, batch=8)]
+    assert sizes_3d[0] == (28, 28, 28) and (4, 4, 4) in sizes_3d
+
+
+def test_conv_flops_formula():
+    shape = bench.ConvShape("t", N=32, C=64, K=128, size=(28, 28), kernel=(3, 3), stride=(2, 2),
+                            padding=(1, 1))
+    assert shape.out == (14, 14)
+    assert shape.flops() == 2 * 32 * 128 * 14 * 14 * 64 * 9
+
+
+def test_quick_selection_is_small():
+    options = bench.options_from_args(bench._parser().parse_args(["--quick"]))
+    assert options.models == ("smallcnn", "resnet18")
+    assert set(options.shapes) == set(bench.QUICK_SHAPES)
+    assert options.memory_steps < 200
+    items = bench.op_items(options.ops, options.shapes)
+    assert sum(i.flops() or 0 for i in items) < 30e9
+
+
+def test_reference_is_timed_only_on_small_shapes():
+    runner = bench.Runner(_options())
+    small = bench.op_items(("conv",), ("r18-28.layer1",))[0]
+    big = bench.op_items(("conv",), ("r18-3d.layer1",))[0]
+    assert runner._reference_timed(small) and not runner._reference_timed(big)
+    assert runner._check_batch(big) < big.batch
+    assert runner._check_batch(small) == small.batch
+    everywhere = bench.Runner(_options(reference_all=True))
+    assert everywhere._reference_timed(big)
+
+
+def test_busy_machine_is_flagged():
+    def report(start, during):
+        return {"machine": {"threads_available": 2, "load_avg_start": [start, 0, 0]},
+                "results": [{"load_1m": during}]}
+
+    assert bench.busy_note(report(0.2, 2.5)) is None
+    assert "busy" in bench.busy_note(report(1.8, 2.5))
+    assert "busy" in bench.busy_note(report(0.2, 4.0))
+
+
+def test_relative_errors():
+    a = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    assert bench.relative_error(a, a) == 0
+    assert bench.relative_error(a * 1.01, a) == pytest.approx(0.01, rel=1e-3)
+    assert bench.relative_error(a[:2], a) == math.inf
+    assert bench.relative_error(np.array([1.0, np.nan, 3.0]), a) == math.inf
+    assert bench.relative_error(np.array([1, 2]), np.array([1, 3])) == math.inf
+    assert bench.relative_l2_error(a, a) == 0
+    ok, err, _ = bench.compare_grads((1.0, {"w": a}), (1.0, {"w": copy.copy(a)}), 1e-6)
+    assert ok and err == 0
+    ok, _, what = bench.compare_grads((1.0, {}), (1.0, {"w": a}), 1e-2)
+    assert not ok and "no gradient for w" in what
