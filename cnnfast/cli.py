@@ -125,7 +125,7 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
 
 # --- demo ---------------------------------------------------------------------------------------
 
-DEMO = {"n_train": 3000, "n_val": 500, "n_test": 1000, "epochs": 15}
+DEMO = {"n_train": 6000, "n_val": 1000, "n_test": 1000, "epochs": 20}
 DEMO_QUICK = {"n_train": 300, "n_val": 100, "n_test": 200, "epochs": 2}
 
 

@@ -180,7 +180,7 @@ def require_cuda() -> None:
 
 
 def device_xp(device: str):
-    """The array module holding a device's arrays: NumPy for cpu (and the simulator), CuPy on GPU."""
+    """The array module of a device's arrays: NumPy on cpu and in the simulator, else CuPy."""
     if device == "cuda" and not cuda_simulated():
         require_cuda()
         import cupy

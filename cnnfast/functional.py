@@ -60,8 +60,8 @@ def _same(op: str, reference: Tensor, ref_name: str, **others: Tensor | None) ->
             raise ValueError(f"{op}: {name} is on device {t.device!r} but {ref_name} is on "
                              f"{reference.device!r}; move them to one device with .to()")
         if t.dtype != reference.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {reference.dtype};"
-                            f" use one dtype")
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has "
+                            f"{reference.dtype}; use one dtype")
 
 
 def _ntuple(value, nd: int, op: str, name: str, minimum: int) -> tuple[int, ...]:
@@ -139,7 +139,8 @@ def _conv(nd: int, x, weight, bias, stride, padding, dilation, groups) -> Tensor
     for s, k, p, d in zip(spatial, kernel, padding, dilation):
         if d * (k - 1) + 1 > s + 2 * p:
             raise ValueError(f"{op}: kernel {tuple(kernel)} (dilation {dilation}) is larger than "
-                             f"the padded input {tuple(s + 2 * p for s, p in zip(spatial, padding))}")
+                             f"the padded input "
+                             f"{tuple(s + 2 * p for s, p in zip(spatial, padding))}")
     if x.shape[0] == 0:
         raise ValueError(f"{op}: input has an empty batch (shape {x.shape})")
     return Conv.apply(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
@@ -272,7 +273,7 @@ def sigmoid(x) -> Tensor:
 def log_softmax(x, dim: int = -1) -> Tensor:
     """Numerically stable log-softmax along ``dim``."""
     x = _float_tensor(x, "log_softmax", "input")
-    shift = x.xp.max(x.data, axis=dim, keepdims=True)  # a constant: the result does not depend on it
+    shift = x.xp.max(x.data, axis=dim, keepdims=True)  # a constant: the result is independent
     z = x - Tensor(shift, device=x.device)
     return z - z.exp().sum(axis=dim, keepdims=True).log()
 

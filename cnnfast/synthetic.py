@@ -42,7 +42,7 @@ FINDINGS = ("opacity", "nodule", "mass", "atelectasis", "cardiomegaly", "pneumot
 
 # name -> (generator, default keyword arguments); used by cnnfast.data.load_dataset
 DEFAULT_SIZES = {
-    "synthetic-nodule2d": {"spatial_dims": 2, "size": 28, "n_train": 3000, "n_val": 500,
+    "synthetic-nodule2d": {"spatial_dims": 2, "size": 28, "n_train": 6000, "n_val": 1000,
                            "n_test": 1000},  # the dataset of `cnnfast demo`
     "synthetic-nodule3d": {"spatial_dims": 3, "size": 16, "n_train": 600, "n_val": 150,
                            "n_test": 300},
@@ -298,7 +298,7 @@ def _split_seeds(seed: int) -> list[int]:
     return [int(c.generate_state(1)[0]) for c in children]
 
 
-def nodule_dataset(n_train: int = 3000, n_val: int = 500, n_test: int = 1000, seed: int = 0,
+def nodule_dataset(n_train: int = 6000, n_val: int = 1000, n_test: int = 1000, seed: int = 0,
                    spatial_dims: int = 2, size: int | None = None) -> MedicalDataset:
     """The synthetic nodule task as a :class:`~cnnfast.data.MedicalDataset` (binary).
 

@@ -124,7 +124,8 @@ class Tensor:
     def detach(self) -> Tensor:
         """The same data without a graph (shares memory)."""
         t = Tensor.__new__(Tensor)
-        t.data, t.device, t.requires_grad, t.grad, t._ctx = self.data, self.device, False, None, None
+        t.data, t.device = self.data, self.device
+        t.requires_grad, t.grad, t._ctx = False, None, None
         return t
 
     def requires_grad_(self, flag: bool = True) -> Tensor:
@@ -361,7 +362,8 @@ def as_tensor(x, device: str | None = None, name: str = "input") -> Tensor:
     """``x`` if it is a Tensor, else a new Tensor around the NumPy/CuPy array ``x``."""
     if isinstance(x, Tensor):
         return x
-    if isinstance(x, (np.ndarray, np.generic, list, tuple, float, int)) or dispatch.is_cupy_array(x):
+    array_like = (np.ndarray, np.generic, list, tuple, float, int)
+    if isinstance(x, array_like) or dispatch.is_cupy_array(x):
         return Tensor(np.asarray(x) if isinstance(x, (list, tuple, float, int)) else x,
                       device=device)
     raise TypeError(f"{name}: expected a Tensor or a NumPy/CuPy array, got {type(x).__name__}")

@@ -200,8 +200,11 @@ def plot_training_curves(history: Sequence[dict], path: str | Path,
     ax2.set_title("Validation", fontsize=10)
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8, loc="lower right")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax1, ax2):
         ax.set_xlim(0.5, max(epochs) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)

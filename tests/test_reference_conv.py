@@ -54,7 +54,8 @@ def naive_conv(x, w, stride, padding, dilation, groups):
         g = f // kg
         total = 0.0
         for ci, off in itertools.product(range(cg), itertools.product(*map(range, kernel))):
-            pos = [oi * s - p + ki * d for oi, s, p, ki, d in zip(o, stride, padding, off, dilation)]
+            pos = [oi * s - p + ki * d
+                   for oi, s, p, ki, d in zip(o, stride, padding, off, dilation)]
             if all(0 <= q < s for q, s in zip(pos, size)):
                 total += x[(b, g * cg + ci) + tuple(pos)] * w[(f, ci) + off]
         y[(b, f) + o] = total

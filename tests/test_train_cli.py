@@ -297,6 +297,14 @@ def test_bench_forwards_arguments(monkeypatch, capsys):
 
 
 def test_bench_missing_is_a_clear_error(monkeypatch, capsys):
+    import cnnfast
+
     monkeypatch.setitem(sys.modules, "cnnfast.bench", None)  # import of cnnfast.bench fails
+    monkeypatch.delattr(cnnfast, "bench", raising=False)
     code = main(["bench", "--quick"])
     _assert_usage_error(capsys, code, "cnnfast.bench")
+
+
+def test_bench_arguments_are_forwarded(capsys):
+    code = main(["bench", "--paths", "tpu"])
+    _assert_usage_error(capsys, code, "tpu")

@@ -90,7 +90,7 @@ class Module:
                 if b is not None:
                     yield (f"{prefix}.{name}" if prefix else name), b
 
-    # --- state --------------------------------------------------------------------------------------
+    # --- state ------------------------------------------------------------------------------
     def state_dict(self) -> OrderedDict:
         """Parameters and buffers by dotted name, as NumPy copies."""
         state = OrderedDict()

@@ -1,1 +1,4 @@
-"""NumPy reference kernels: the oracle every other path is checked against (see cnnfast.dispatch)."""
+"""NumPy reference kernels: the oracle every other path is checked against.
+
+The kernel contract is in cnnfast.dispatch.
+"""

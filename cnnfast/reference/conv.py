@@ -59,7 +59,7 @@ def _window(offset: Ints, out: Ints, stride: Ints, dilation: Ints) -> tuple:
 
 
 def _spatial_subscripts(out: Ints) -> str:
-    """einsum letters for the output's spatial axes ("xy" or "xyz"); einsum cannot sum over "..."."""
+    """einsum letters for the output's spatial axes ("xy" or "xyz"); einsum can't sum "..."."""
     return "xyz"[:len(out)]
 
 
