@@ -73,8 +73,13 @@ class ConvCase(NamedTuple):
 CONV_CASES = {
     # GEMM, stride-1 'same' shifted copy, batched layout; backward-data as a flipped conv.
     "2d-same-odd-nonsquare": ConvCase((2, 5, 7, 9), (4, 5, 3, 3), (1, 1), (1, 1), (1, 1), 1),
-    # Per-sample layout (few taps, wide samples).
-    "2d-same-per-sample": ConvCase((2, 3, 16, 17), (6, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    # Winograd F(2x2, 3x3): odd output sizes (partial tiles), no padding, uneven padding.
+    "2d-winograd-odd": ConvCase((2, 8, 11, 13), (9, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "2d-winograd-pad0": ConvCase((1, 10, 12, 11), (8, 10, 3, 3), (1, 1), (0, 0), (1, 1), 1),
+    "2d-winograd-pad-2-1": ConvCase((3, 12, 9, 10), (16, 12, 3, 3), (1, 1), (2, 1), (1, 1), 1),
+    "2d-winograd-wide": ConvCase((2, 32, 10, 11), (33, 32, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    # Few taps, wide samples.
+    "2d-same-wide": ConvCase((2, 3, 16, 17), (6, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),
     "2d-batch1-stride2-pad1": ConvCase((1, 6, 9, 7), (8, 6, 3, 3), (2, 2), (1, 1), (1, 1), 1),
     "2d-stride-mixed-rect-kernel": ConvCase((2, 4, 8, 9), (3, 4, 3, 2), (2, 1), (1, 0), (1, 1), 1),
     "2d-dilation2-same": ConvCase((2, 4, 9, 8), (5, 4, 3, 3), (1, 1), (2, 2), (2, 2), 1),
@@ -133,35 +138,41 @@ def test_conv_matches_reference(case_id, dtype):
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 @pytest.mark.parametrize("case_id", ["2d-same-odd-nonsquare", "2d-groups2-stride2",
-                                     "2d-one-channel", "2d-1x1-pointwise", "3d-stride-pad"])
+                                     "2d-one-channel", "2d-1x1-pointwise", "2d-winograd-odd",
+                                     "3d-stride-pad"])
 def test_conv_non_contiguous_inputs(case_id, layout):
     _check_conv(CONV_CASES[case_id], np.float32, layout)
 
 
-@pytest.mark.parametrize("case_id", ["2d-same-odd-nonsquare", "2d-same-per-sample",
-                                     "2d-batch1-stride2-pad1", "2d-pad-gt-kernel", "3d-same",
-                                     "3d-stride-pad", "3d-dilation-groups2"])
+@pytest.mark.parametrize("case_id", ["2d-same-odd-nonsquare", "2d-same-wide",
+                                     "2d-winograd-pad-2-1", "2d-winograd-wide",
+                                     "2d-batch1-stride2-pad1",
+                                     "2d-pad-gt-kernel", "3d-same", "3d-stride-pad",
+                                     "3d-dilation-groups2"])
 def test_conv_in_small_chunks_and_row_bands(monkeypatch, case_id):
     """A tiny column budget forces many chunks and, within a sample, bands of output rows
     (whose backward-data contributions overlap at the band edges)."""
     monkeypatch.setattr(conv, "COLS_BUDGET", 64)
-    monkeypatch.setattr(conv, "PER_SAMPLE_MIN_WIDTH", 8)
+    monkeypatch.setattr(conv, "WINOGRAD_BUDGET", 64)
     _check_conv(CONV_CASES[case_id], np.float64)
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_conv_thread_counts(monkeypatch, threads):
-    from cnnfast.cpu import _parallel
-
-    monkeypatch.setattr(_parallel, "num_threads", lambda: threads)
-    monkeypatch.setattr(conv, "num_threads", lambda: threads)
+def test_conv_on_one_thread(monkeypatch):
+    numba = pytest.importorskip("numba")
     monkeypatch.setattr(conv, "COLS_BUDGET", 256)
-    for case_id in ("2d-same-odd-nonsquare", "2d-batch1-stride2-pad1", "2d-depthwise"):
-        _check_conv(CONV_CASES[case_id], np.float64)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        for case_id in ("2d-same-odd-nonsquare", "2d-batch1-stride2-pad1", "2d-depthwise"):
+            _check_conv(CONV_CASES[case_id], np.float64)
+    finally:
+        numba.set_num_threads(previous)
 
 
 GRAD_CASES = {
     "2d-same": ConvCase((1, 2, 4, 5), (3, 2, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    # Winograd on few channels (thresholds lowered in the test), odd output size
+    "2d-winograd": ConvCase((1, 3, 10, 9), (2, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1),
     "2d-stride2-groups2": ConvCase((2, 4, 5, 4), (4, 2, 3, 2), (2, 1), (1, 0), (1, 1), 2),
     "2d-dilation": ConvCase((1, 2, 6, 5), (2, 2, 2, 3), (1, 1), (1, 2), (2, 2), 1),
     "2d-depthwise": ConvCase((1, 2, 5, 4), (4, 1, 3, 3), (2, 1), (1, 1), (1, 1), 2),
@@ -170,7 +181,9 @@ GRAD_CASES = {
 
 
 @pytest.mark.parametrize("case_id", list(GRAD_CASES))
-def test_conv_backward_matches_finite_differences(case_id):
+def test_conv_backward_matches_finite_differences(monkeypatch, case_id):
+    monkeypatch.setattr(conv, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(conv, "WINOGRAD_WEIGHT_MIN_CHANNELS", 1)
     case = GRAD_CASES[case_id]
     rng = np.random.default_rng(3)
     x = make_array(rng, case.x_shape)
@@ -184,7 +197,7 @@ def test_conv_backward_matches_finite_differences(case_id):
 
 
 @pytest.mark.parametrize("case_id", ["2d-same-odd-nonsquare", "2d-batch1-stride2-pad1",
-                                     "2d-depthwise", "3d-same"])
+                                     "2d-depthwise", "2d-winograd-odd", "3d-same"])
 def test_conv_deterministic_and_outputs_not_reused(case_id):
     case = CONV_CASES[case_id]
     rng = np.random.default_rng(7)
@@ -265,7 +278,8 @@ def test_pool_matches_reference(case_id, dtype, layout):
     assert y.dtype == dtype and idx.dtype == np.int64
     assert np.array_equal(y, y_ref) and np.array_equal(idx, idx_ref)
     for got, expected in [
-        (pool.max_pool_backward(gy, idx, x.shape), ref_pool.max_pool_backward(gy, idx_ref, x.shape)),
+        (pool.max_pool_backward(gy, idx, x.shape),
+         ref_pool.max_pool_backward(gy, idx_ref, x.shape)),
         (pool.avg_pool_forward(x, *case.args), ref_pool.avg_pool_forward(x, *case.args)),
         (pool.avg_pool_backward(gy, x.shape, *case.args),
          ref_pool.avg_pool_backward(gy, x.shape, *case.args)),
@@ -345,8 +359,11 @@ def test_relu_backward_matches_finite_differences():
     rng = np.random.default_rng(11)
     x = make_array(rng, (2, 3, 4))
     x[np.abs(x) < 0.1] = 0.5  # away from the kink
-    gradient_check(activation.relu_forward, [x],
-                   analytic=lambda gy, x: (activation.relu_backward(gy, activation.relu_forward(x)),))
+
+    def backward(gy, x):
+        return (activation.relu_backward(gy, activation.relu_forward(x)),)
+
+    gradient_check(activation.relu_forward, [x], analytic=backward)
 
 
 # --- batch norm -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""im2col / col2im gathers for the fast CPU convolution, and per-thread scratch buffers.
+"""im2col / col2im gathers for the fast CPU convolution.
 
 Every kernel here works on the 3D form of a convolution: a 2D input (N, C, H, W) is viewed as
 (N, C, 1, H, W) with a kernel depth, stride and dilation of 1 and no depth padding, so one
@@ -17,40 +17,10 @@ A chunk is either several whole samples (nr = OD * OH) or a band of output rows 
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from numba import njit
 
 Geometry = tuple[int, int, int]
-
-_local = threading.local()
-
-
-def scratch(role: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A C-contiguous work array of ``shape``, reused across calls on this thread.
-
-    One flat buffer per (role, dtype) grows to the largest size asked for; the array returned is
-    a view of it, so it is only valid until the next ``scratch`` call with the same role. Never
-    hand one to a caller.
-    """
-    buffers = getattr(_local, "buffers", None)
-    if buffers is None:
-        buffers = _local.buffers = {}
-    dtype = np.dtype(dtype)
-    size = 1
-    for s in shape:
-        size *= s
-    key = (role, dtype)
-    buf = buffers.get(key)
-    if buf is None or buf.size < size:
-        buf = buffers[key] = np.empty(max(size, 1), dtype=dtype)
-    return buf[:size].reshape(shape)
-
-
-def release_scratch() -> None:
-    """Drop this thread's scratch buffers (they are rebuilt on demand)."""
-    _local.buffers = {}
 
 
 def as3d(x: np.ndarray) -> np.ndarray:
@@ -65,25 +35,6 @@ def geometry3(t: tuple[int, ...], fill: int) -> Geometry:
     """Pad a 2-tuple of spatial parameters to 3 (depth first) with ``fill``."""
     t = tuple(int(v) for v in t)
     return (fill,) * (3 - len(t)) + t
-
-
-@njit(nogil=True, cache=True, inline="always")
-def valid_range(size, out, stride, pad, offset):
-    """The output positions [lo, hi) whose input position o * stride - pad + offset is in
-    [0, size)."""
-    lo = 0
-    start = pad - offset
-    if start > 0:
-        lo = (start + stride - 1) // stride
-    hi = 0
-    last = size - 1 + pad - offset
-    if last >= 0:
-        hi = last // stride + 1
-    if hi > out:
-        hi = out
-    if lo > hi:
-        lo = hi
-    return lo, hi
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -123,96 +74,86 @@ def _zero(dst, d0, n):
 
 
 @njit(nogil=True, cache=True)
-def _index_maps(size, r0, nr, ks, st, pd, dl, out):
-    """For each kernel tap kk and each output position p of rows r0..r0+nr, the flat input
-    position (within one plane) that the tap meets, or -1 where it meets padding."""
+def tap_maps(size, ks, st, pd, dl, out):
+    """For each kernel tap kk and each output position p (flat over (od, oh, ow)): the flat
+    input position within one plane that the tap meets, or -1 where it meets padding; and a
+    uint8 copy of ``maps >= 0`` for the vectorised stride-1 loops. Worked out once per call."""
     D, H, W = size
     KD, KH, KW = ks
     SD, SH, SW = st
     PD, PH, PW = pd
     DD, DH, DW = dl
     OD, OH, OW = out
-    maps = np.empty((KD * KH * KW, nr * OW), dtype=np.int64)
+    maps = np.empty((KD * KH * KW, OD * OH * OW), dtype=np.int64)
+    valid = np.empty((KD * KH * KW, OD * OH * OW), dtype=np.uint8)
     for kk in range(KD * KH * KW):
         kd = kk // (KH * KW)
         kh = (kk // KW) % KH
         kw = kk % KW
-        for j in range(nr):
-            od = (r0 + j) // OH
-            oh = r0 + j - od * OH
+        p = 0
+        for od in range(OD):
             i_d = od * SD - PD + kd * DD
-            i_h = oh * SH - PH + kh * DH
-            for ow in range(OW):
-                i_w = ow * SW - PW + kw * DW
-                inside = 0 <= i_d < D and 0 <= i_h < H and 0 <= i_w < W
-                maps[kk, j * OW + ow] = (i_d * H + i_h) * W + i_w if inside else -1
-    return maps
+            for oh in range(OH):
+                i_h = oh * SH - PH + kh * DH
+                for ow in range(OW):
+                    i_w = ow * SW - PW + kw * DW
+                    inside = 0 <= i_d < D and 0 <= i_h < H and 0 <= i_w < W
+                    maps[kk, p] = (i_d * H + i_h) * W + i_w if inside else -1
+                    valid[kk, p] = 1 if inside else 0
+                    p += 1
+    return maps, valid
 
 
-@njit(nogil=True, cache=True)
-def _valid_masks(maps):
-    """1 where an index map meets the input, 0 where it meets padding (uint8, maps' shape)."""
-    valid = np.empty(maps.shape, dtype=np.uint8)
-    for kk in range(maps.shape[0]):
-        for p in range(maps.shape[1]):
-            valid[kk, p] = 1 if maps[kk, p] >= 0 else 0
-    return valid
-
-
-@njit(nogil=True, cache=True)
-def _is_same(size, st, out):
+def is_same(size, st, out) -> bool:
     """Stride 1 and output size = input size: a kernel tap shifts a whole plane by a constant."""
-    return st[0] == 1 and st[1] == 1 and st[2] == 1 and out[0] == size[0] and \
-        out[1] == size[1] and out[2] == size[2]
+    return tuple(st) == (1, 1, 1) and tuple(out) == tuple(size)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def tap_offset(kk, size, ks, pd, dl):
+    """In a stride-1 'same' convolution, output position p meets input position p + offset
+    under kernel tap kk (flat, within one plane)."""
+    D, H, W = size
+    KD, KH, KW = ks
+    kd = kk // (KH * KW)
+    kh = (kk // KW) % KH
+    kw = kk % KW
+    return ((kd * dl[0] - pd[0]) * H + kh * dl[1] - pd[1]) * W + kw * dl[2] - pd[2]
 
 
 @njit(nogil=True, cache=True)
-def im2col(x, n0, nb, r0, nr, c0, cg, ks, st, pd, dl, out, cols, per_sample):
-    """Fill ``cols`` from x (N, C, D, H, W); see the module docstring. ``ks, st, pd, dl, out``
-    are (D, H, W) triples of kernel, stride, padding, dilation and output size. ``cols`` is
-    flat: rows (c, kd, kh, kw) of nb * nr * OW columns, or with ``per_sample`` nb matrices of
-    cg * KD * KH * KW rows and nr * OW columns, one per sample."""
+def im2col(x, n0, nb, r0, nr, c0, cg, ks, pd, dl, OW, maps, valid, same, cols):
+    """Fill ``cols`` (flat: cg * prod(ks) rows of nb * nr * OW columns) from x (N, C, D, H, W);
+    see the module docstring. ``maps, valid`` come from :func:`tap_maps`; ``same`` is
+    :func:`is_same`; ``ks, pd, dl`` are (D, H, W) triples of kernel, padding, dilation."""
     _, C, D, H, W = x.shape
-    KD, KH, KW = ks
-    PD, PH, PW = pd
-    DD, DH, DW = dl
-    OD, OH, OW = out
-    KK = KD * KH * KW
+    KK = ks[0] * ks[1] * ks[2]
     xf = x.reshape(-1)
     zero = zero_of(xf)
     plane = D * H * W
     span = nr * OW
-    row_stride, sample_stride = (span, cg * KK * span) if per_sample else (nb * span, span)
-    same = _is_same((D, H, W), st, out)
-    maps = _index_maps((D, H, W), r0, nr, ks, st, pd, dl, out)
-    valid = _valid_masks(maps)
+    p0 = r0 * OW
     for row in range(cg * KK):
         c = row // KK
         kk = row - c * KK
-        kd = kk // (KH * KW)
-        kh = (kk // KW) % KH
-        kw = kk % KW
+        offset = tap_offset(kk, (D, H, W), ks, pd, dl)
         for b in range(nb):
             base = ((n0 + b) * C + c0 + c) * plane
-            start = row * row_stride + b * sample_stride
+            start = row * nb * span + b * span
             seg = cols[start:start + span]
             if same:
-                # Each segment is a run of the input plane shifted by a constant: copy it in
-                # one go, then zero what fell outside the input (or wrapped to the next row).
-                i_d0 = kd * DD - PD
-                i_h0 = kh * DH - PH
-                offset = (i_d0 * H + i_h0) * W + kw * DW - PW
-                p0 = r0 * OW
+                # The segment is a run of the input plane shifted by a constant: copy it in one
+                # go, zeroing what falls outside the input (or wraps to the next row).
                 first = min(span, max(0, -offset - p0))
                 last = max(first, min(span, plane - offset - p0))
                 _zero(seg, 0, first)
-                _copy_valid(seg, first, xf, base + p0 + first + offset, valid[kk], last - first,
-                            zero)
+                _copy_valid(seg, first, xf, base + p0 + first + offset, valid[kk, p0:],
+                            last - first, zero)
                 _zero(seg, last, span - last)
             else:
                 # Gather through the tap's index map; -1 reads element 0 and stores a zero.
                 src = xf[base:base + plane]
-                m = maps[kk]
+                m = maps[kk, p0:p0 + span]
                 for i in range(span):
                     j = m[i]
                     v = src[max(j, 0)]
@@ -220,44 +161,32 @@ def im2col(x, n0, nb, r0, nr, c0, cg, ks, st, pd, dl, out, cols, per_sample):
 
 
 @njit(nogil=True, cache=True)
-def col2im_add(cols, n0, nb, r0, nr, c0, cg, ks, st, pd, dl, out, gx, per_sample):
+def col2im_add(cols, n0, nb, r0, nr, c0, cg, ks, pd, dl, OW, maps, valid, same, gx):
     """The adjoint of :func:`im2col`: add every ``cols`` entry into the gx (N, C, D, H, W)
-    element it was gathered from, one (sample, channel) plane at a time, kernel taps in order.
-    Overwrites the entries of ``cols`` that fall outside the input with zeros."""
+    element it was gathered from, one (sample, channel) plane at a time, kernel taps in
+    order, so each gx element's sum has a fixed order."""
     _, C, D, H, W = gx.shape
-    KD, KH, KW = ks
-    PD, PH, PW = pd
-    DD, DH, DW = dl
-    OD, OH, OW = out
-    KK = KD * KH * KW
+    KK = ks[0] * ks[1] * ks[2]
     gf = gx.reshape(-1)
     zero = zero_of(gf)
     plane = D * H * W
     span = nr * OW
-    row_stride, sample_stride = (span, cg * KK * span) if per_sample else (nb * span, span)
-    same = _is_same((D, H, W), st, out)
-    maps = _index_maps((D, H, W), r0, nr, ks, st, pd, dl, out)
-    valid = _valid_masks(maps)
+    p0 = r0 * OW
     for b in range(nb):
         for c in range(cg):
             base = ((n0 + b) * C + c0 + c) * plane
             dst = gf[base:base + plane]
             for kk in range(KK):
-                kd = kk // (KH * KW)
-                kh = (kk // KW) % KH
-                kw = kk % KW
-                start = (c * KK + kk) * row_stride + b * sample_stride
+                start = (c * KK + kk) * nb * span + b * span
                 seg = cols[start:start + span]
                 if same:
-                    i_d0 = kd * DD - PD
-                    i_h0 = kh * DH - PH
-                    offset = (i_d0 * H + i_h0) * W + kw * DW - PW
-                    p0 = r0 * OW
+                    offset = tap_offset(kk, (D, H, W), ks, pd, dl)
                     first = min(span, max(0, -offset - p0))
                     last = max(first, min(span, plane - offset - p0))
-                    _add_valid(dst, p0 + first + offset, seg, first, valid[kk], last - first, zero)
+                    _add_valid(dst, p0 + first + offset, seg, first, valid[kk, p0:],
+                               last - first, zero)
                 else:
-                    m = maps[kk]
+                    m = maps[kk, p0:p0 + span]
                     for i in range(span):
                         j = m[i]
                         if j >= 0:

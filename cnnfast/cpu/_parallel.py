@@ -1,21 +1,19 @@
-"""How the fast CPU kernels use the cores: one small thread pool, and single-threaded BLAS.
+"""How the fast CPU kernels use the cores: Numba ``prange`` loops, and BLAS held to one thread.
 
-Every kernel of :mod:`cnnfast.cpu` is a serial ``@njit(nogil=True)`` loop over a range of
-independent tasks (output planes, channels, column-matrix chunks); :func:`parallel_for` splits
-the tasks into one contiguous range per thread and runs the ranges on this pool, the calling
-thread taking the first. A convolution chunk runs its gather and its matrix product (BLAS, one
-thread) on the same thread, so each core works through its own chunks out of its own cache.
+float32 kernels run in parallel and float64 kernels on one thread (:class:`ParallelKernel`).
 
-Why not ``@njit(parallel=True)`` plus multi-threaded BLAS: both keep their idle workers spinning
-for milliseconds after each call (Numba's OpenMP layer, OpenBLAS's server threads), and a
-training step alternates between them hundreds of times, so each ran with a spinning thread
-stealing a core from it (measured on 2 cores: a BLAS product right after a 0.1 ms Numba
-parallel loop took 1.8x as long). Threads of this pool block when idle, and BLAS is held to one
-thread while a kernel runs (restored afterwards), so nothing spins.
+Every kernel of :mod:`cnnfast.cpu` is one ``@njit(parallel=True)`` loop over independent tasks
+(output planes, channels, chunks of a convolution's column matrix). A convolution chunk runs its
+gather, its matrix product and its write-back on one thread: the product is ``np.dot`` inside
+the Numba loop, which calls SciPy's BLAS (``scipy.linalg.cython_blas``) directly, one thread per
+chunk. So all parallel work runs on Numba's one pool, whose workers spin briefly between loops
+and start the next one in microseconds (a pool of blocking threads takes a wake-up of ~0.1 ms per
+loop on a VM, too slow for the small layers), and no second pool (BLAS's own threads) competes
+with it for the cores: BLAS is held to one thread while a kernel runs (restored afterwards).
 
-Determinism: a task range depends only on the task count and the thread count, each task is
-computed by one thread in a fixed order, and partial sums are combined in range order, so the
-same inputs give the same bits on the same machine.
+Determinism: each output element is computed by one task in a fixed order; partial sums of the
+weight gradient are one per block of chunks and added in block order; so the same inputs give
+the same bits on the same machine (and thread count).
 """
 
 from __future__ import annotations
@@ -23,75 +21,74 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+import types
 
 import numba
+import numpy as np
+from numba import njit
 
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 _lock = threading.Lock()
+_local = threading.local()
+
+
+class ParallelKernel:
+    """A kernel compiled twice from one Python function: ``@njit(parallel=True)`` for float32
+    arrays (the training dtype, where speed matters) and a serial ``@njit`` for float64 (the
+    checking dtype). A parallel compile costs 2-3 times a serial one, and CI compiles every
+    kernel in both dtypes; ``prange`` runs as ``range`` in the serial build. The dtype is that
+    of the first floating-point array argument.
+    """
+
+    def __init__(self, fn):
+        self.__doc__ = fn.__doc__
+        self.__name__ = fn.__name__
+        self.parallel = njit(parallel=True, cache=True)(fn)
+        # A separate function object (own qualified name), so each build has its own cache file.
+        serial = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                    fn.__defaults__, fn.__closure__)
+        serial.__qualname__ = fn.__qualname__ + "_serial"
+        serial.__module__ = fn.__module__
+        self.serial = njit(cache=True, nogil=True)(serial)
+
+    def __call__(self, *args):
+        for a in args:
+            if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+                if a.dtype == np.float32:
+                    return self.parallel(*args)
+                break
+        return self.serial(*args)
+
+
+def parallel_kernel(fn) -> ParallelKernel:
+    """Decorator: see :class:`ParallelKernel`."""
+    return ParallelKernel(fn)
 
 
 def num_threads() -> int:
-    """Threads the kernels use: NUMBA_NUM_THREADS (default: the CPUs this process may use)."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    return max(1, min(int(numba.config.NUMBA_NUM_THREADS), available))
+    """Threads of Numba's pool that a kernel may use (numba.set_num_threads, NUMBA_NUM_THREADS)."""
+    return int(numba.get_num_threads())
 
 
-def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    with _lock:
-        if _pool is None or _pool_size < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnfast-cpu")
-            _pool_size = workers
-        return _pool
+def scratch(role: str, threads: int, size: int, dtype) -> np.ndarray:
+    """A (threads, size) C-contiguous work array, row t for the kernel thread t, reused across
+    calls on this Python thread. One buffer per (role, dtype) grows to the largest size asked
+    for; the array returned is only valid until the next call with the same role. Never hand
+    one to a caller."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    dtype = np.dtype(dtype)
+    key = (role, dtype)
+    total = max(1, threads * size)
+    buf = buffers.get(key)
+    if buf is None or buf.size < total:
+        buf = buffers[key] = np.empty(total, dtype=dtype)
+    return buf[:threads * size].reshape(threads, size)
 
 
-def split(count: int, parts: int) -> list[tuple[int, int]]:
-    """``count`` tasks as at most ``parts`` contiguous, non-empty, nearly equal [start, stop)."""
-    parts = max(1, min(parts, count))
-    base, extra = divmod(count, parts)
-    ranges = []
-    start = 0
-    for p in range(parts):
-        stop = start + base + (1 if p < extra else 0)
-        ranges.append((start, stop))
-        start = stop
-    return ranges
-
-
-def run_all(jobs: Sequence[Callable[[], object]]) -> list:
-    """Run the jobs concurrently (the calling thread runs the first); results in job order."""
-    if len(jobs) == 1:
-        return [jobs[0]()]
-    pool = _executor(len(jobs) - 1)
-    futures = [pool.submit(job) for job in jobs[1:]]
-    try:
-        first = jobs[0]()
-    finally:
-        rest = [f.result() for f in futures]
-    return [first] + rest
-
-
-def parallel_for(body: Callable[[int, int], object], count: int, min_per_thread: int = 1,
-                 threads: int | None = None) -> list:
-    """Call ``body(start, stop)`` on contiguous ranges covering ``range(count)``, one per thread.
-
-    Uses at most ``count // min_per_thread`` threads, so small jobs stay on the calling thread.
-    Returns the bodies' results in range order (for partial sums combined in a fixed order).
-    """
-    if count <= 0:
-        return []
-    threads = num_threads() if threads is None else threads
-    parts = max(1, min(threads, count // max(1, min_per_thread)))
-    ranges = split(count, parts)
-    return run_all([lambda r=r: body(*r) for r in ranges])
+def release_scratch() -> None:
+    """Drop this thread's scratch buffers (they are rebuilt on demand)."""
+    _local.buffers = {}
 
 
 # --- BLAS threads ---------------------------------------------------------------------------------
@@ -102,13 +99,21 @@ _blas_saved: list[int] = []
 
 
 def _controllers() -> list:
+    """threadpoolctl's handles on the BLAS that Numba's ``np.dot`` calls: SciPy's (loaded by
+    ``scipy.linalg.cython_blas``); every BLAS found when SciPy's cannot be told apart."""
     global _blas_controllers
     if _blas_controllers is None:
         try:
+            import scipy
+            import scipy.linalg.cython_blas  # noqa: F401 - loads the BLAS that np.dot calls
             from threadpoolctl import ThreadpoolController
 
-            found = ThreadpoolController().select(user_api="blas").lib_controllers
-            _blas_controllers = [c for c in found if hasattr(c, "set_num_threads")]
+            found = [c for c in ThreadpoolController().select(user_api="blas").lib_controllers
+                     if hasattr(c, "set_num_threads")]
+            scipy_dir = os.path.dirname(os.path.dirname(os.path.abspath(scipy.__file__)))
+            own = [c for c in found if "scipy" in os.path.relpath(c.filepath, scipy_dir)
+                   .split(os.sep)[0]]
+            _blas_controllers = own or found
         except (ImportError, OSError, AttributeError, ValueError, RuntimeError):
             # threadpoolctl missing, or unable to inspect this BLAS: leave its threads alone
             _blas_controllers = []
@@ -117,8 +122,10 @@ def _controllers() -> list:
 
 @contextlib.contextmanager
 def single_threaded_blas():
-    """Hold every BLAS that NumPy may call to one thread inside the block (nestable,
-    thread-safe); the previous thread counts come back when the outermost block exits."""
+    """Hold every loaded BLAS to one thread inside the block (nestable, thread-safe); the
+    previous thread counts come back when the outermost block exits. Inside a Numba parallel
+    loop each thread's product must stay on that thread: a BLAS using its own threads there
+    would serialise the callers and oversubscribe the cores."""
     global _blas_depth, _blas_saved
     with _lock:
         if _blas_depth == 0:

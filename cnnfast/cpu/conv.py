@@ -2,64 +2,79 @@
 
 Algorithms, chosen per call from the shapes:
 
-- GEMM (most layers): gather the input into a column matrix (:func:`_im2col.im2col`), then one
-  BLAS matrix product through NumPy: forward ``y = w (K, C*KS) @ cols``, backward-weight
-  ``gw = gy (K, N*O) @ cols^T``, backward-data ``gcols = w^T @ gy`` added back into gx by
-  :func:`_im2col.col2im_add`. The batch is cut into chunks whose column matrix is about a
-  megabyte; each thread of :mod:`cnnfast.cpu._parallel` takes whole chunks and runs gather,
-  product (single-threaded BLAS) and write-back on them, so a chunk never leaves its core's
-  cache.
-- pointwise: a 1x1 convolution with stride 1 and no padding over a large enough image is a
-  matrix product per sample, ``y[n] = w (K, C) @ x[n] (C, S)``, with no gather at all.
-- direct: a Numba loop nest over (n, k) output planes, for filters with few taps
-  (C/groups * prod(KS) small: the first layer of a grey-scale network, depthwise convolutions),
-  where a matrix product has nothing to chew on.
+- GEMM (most layers): gather a chunk of the input into a column matrix
+  (:func:`_im2col.im2col`), multiply with BLAS: forward ``y = w (K, C*KS) @ cols``,
+  backward-weight ``gw += gy (K, N*O) @ cols^T``, backward-data ``gcols = w^T @ gy`` added back
+  into gx by :func:`_im2col.col2im_add`. The batch is cut into chunks whose column matrix is
+  about 4 MiB, and one Numba parallel loop runs whole chunks per thread (gather, ``np.dot`` on
+  one BLAS thread, write-back), so a chunk never leaves its core. See :mod:`._parallel`.
+- backward-data with stride 1 is itself a convolution, of gy with the filters flipped in space
+  and transposed, run as a forward GEMM convolution (a cheaper gather than col2im, and a
+  product with inner dimension K * prod(KS) instead of K) when C/groups >= K/groups / 2.
+- Winograd (:mod:`._winograd`) for 2D 3x3 stride-1 layers with at least 10x10 outputs and 8
+  channels: F(2x2, 3x3) forward (and so backward-data), F(3x3, 2x2) backward-weight, 2.25
+  times fewer multiplies than the GEMM.
+- pointwise: a 1x1 convolution with stride 1 and no padding over a large enough image is
+  ``y[n] = w (K, C) @ x[n]`` per sample, with no gather.
+- direct: grouped layers with tiny filters (C/groups * prod(KS) <= 16: depthwise), a Numba loop
+  over (n, k) output planes that adds one kernel tap at a time over the whole plane. Like the
+  bias kernels it runs on one thread: none of the target models has such layers (or biases
+  before batch norm), and each parallel build adds seconds to every cold CI run.
 
-2D runs as 3D with a depth of 1 (see :mod:`cnnfast.cpu._im2col`). Every output element is
-computed by one thread in a fixed order and partial weight gradients are summed in a fixed
-order, so results are the same bits on every run.
+2D runs as 3D with a depth of 1. Every output element is computed by one thread in a fixed
+order and partial weight gradients are added in a fixed order: the same bits on every run.
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
+import functools
 
+import numba
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
+from cnnfast.cpu import _winograd
 from cnnfast.cpu._im2col import (
-    _index_maps,
-    _is_same,
-    _valid_masks,
     as3d,
     col2im_add,
     geometry3,
     im2col,
-    scratch,
+    is_same,
+    tap_maps,
+    tap_offset,
     zero_of,
 )
 from cnnfast.cpu._parallel import (
     num_threads,
-    parallel_for,
-    run_all,
+    parallel_kernel,
+    scratch,
     single_threaded_blas,
-    split,
 )
+from cnnfast.cpu._reduce import sum_f64
 
 Ints = tuple[int, ...]
 
 # Elements of one chunk's column matrix (4 MiB in float32): wide enough for an efficient
-# product (measured best among 1/4 to 8 MiB), small enough to stay in the last-level cache.
+# product (measured best among 1 to 8 MiB), small enough to stay in the last-level cache.
 COLS_BUDGET = 1 << 20
 # Grouped filters with at most this many taps (C/groups * prod(KS)) run the direct kernel.
 DIRECT_MAX_TAPS = 16
 # A pointwise layer needs this many positions per sample for per-sample products to pay.
 POINTWISE_MIN_POSITIONS = 256
-# Per-sample column matrices (no transposed write of the product) below this many taps, for
-# chunks at least this many output positions wide per sample.
-PER_SAMPLE_MAX_TAPS = 256
-PER_SAMPLE_MIN_WIDTH = 256
+# Winograd: elements of a chunk's transformed tiles (16 * max(C, K) * tiles: 1 MiB in float32,
+# a core's L2), and the smallest layers it pays on (below, the products are too thin and the
+# filter transform, memory-bound, costs more than it saves: measured on ResNet-18 shapes).
+WINOGRAD_BUDGET = 1 << 18
+WINOGRAD_MIN_TILES = 25
+WINOGRAD_MIN_CHANNELS = 8
+# Backward-weight's Winograd has more transform work per product: it needs wider layers.
+WINOGRAD_WEIGHT_MIN_CHANNELS = 32
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """Read-only: cached arrays are shared by every call with one geometry."""
+    a.flags.writeable = False
+    return a
 
 
 class _Geometry:
@@ -101,27 +116,45 @@ class _Geometry:
                 and self.pd == (0, 0, 0) and self.positions >= POINTWISE_MIN_POSITIONS)
 
     def direct(self) -> bool:
-        # Grouped layers with tiny filters (depthwise): per group, a matrix product would be a
-        # (K/groups, taps) @ (taps, N*O) sliver. Ungrouped layers, even with one input channel,
-        # run faster as one product over all filters.
+        # Per group a product would be a (K/groups, taps) @ (taps, N*O) sliver. Ungrouped
+        # layers, even with one input channel, run faster as one product over all filters.
         return self.groups > 1 and self.taps <= DIRECT_MAX_TAPS
 
-    def gather_args(self):
-        return self.ks, self.st, self.pd, self.dl, self.out
+    def winograd(self) -> bool:
+        """A 2D 3x3 stride-1 undilated ungrouped layer, large enough for Winograd F(2x2, 3x3)."""
+        tiles = ((self.out[1] + 1) // 2) * ((self.out[2] + 1) // 2)
+        return (self.size[0] == 1 and self.ks == (1, 3, 3) and self.st == (1, 1, 1)
+                and self.dl == (1, 1, 1) and self.groups == 1 and self.pd[0] == 0
+                and min(self.C, self.K) >= WINOGRAD_MIN_CHANNELS
+                and tiles >= WINOGRAD_MIN_TILES)
 
-    def per_sample(self, chunk) -> bool:
-        """Lay the chunk's column matrix out as one matrix per sample, so that the product
-        w @ cols[b] lands in y[b] with no transposed copy: worth it when the copy is a large
-        share of the work (few taps) and each sample's product is still wide."""
-        return self.taps < PER_SAMPLE_MAX_TAPS and chunk[3] * self.out[2] >= PER_SAMPLE_MIN_WIDTH
+    @functools.lru_cache(maxsize=8)
+    def winograd_units(self, threads: int) -> np.ndarray:
+        """Chunks (n0, nb) of whole samples whose transformed tiles fit the budget."""
+        tiles = ((self.out[1] + 1) // 2) * ((self.out[2] + 1) // 2)
+        per_sample = 16 * max(self.C, self.K) * tiles
+        nb = max(1, WINOGRAD_BUDGET // per_sample)
+        count = -(-self.N // nb)
+        count = min(self.N, -(-count // threads) * threads)
+        nb = -(-self.N // count)
+        chunks = [(n0, min(nb, self.N - n0)) for n0 in range(0, self.N, nb)]
+        return _frozen(np.array(chunks, dtype=np.int64).reshape(-1, 2))
 
-    def units(self, threads: int) -> list[list[tuple[int, int, int, int]]]:
-        """Work units, each a list of chunks (n0, nb, r0, nr) that one thread runs in order.
+    @functools.cached_property
+    def _maps(self):
+        maps, valid = tap_maps(self.size, self.ks, self.st, self.pd, self.dl, self.out)
+        return _frozen(maps), _frozen(valid)
 
-        A chunk is nb whole samples (nr = OD * OH), or when one sample's column matrix is
-        larger than the budget, a band of nr output rows of one sample; the bands of a sample
-        form one unit, because neighbouring bands add into the same input rows of gx.
-        """
+    def maps(self):
+        """(maps, valid) of :func:`_im2col.tap_maps`, worked out once per geometry."""
+        return self._maps
+
+    @functools.lru_cache(maxsize=8)
+    def units(self, threads: int) -> np.ndarray:
+        """Chunks (n0, nb, r0, nr) as an int64 array: nb whole samples (nr = OD * OH), or when
+        one sample's column matrix is over the budget, bands of nr output rows of one sample.
+        The bands of a sample go to one thread (see :func:`_spread`), as neighbouring bands add
+        into the same input rows of gx."""
         rows = self.out[0] * self.out[1]
         OW = self.out[2]
         per_sample = self.taps * rows * OW
@@ -129,120 +162,157 @@ class _Geometry:
             count = -(-self.N * per_sample // COLS_BUDGET)
             count = min(self.N, -(-count // threads) * threads)  # a multiple of the threads
             nb = -(-self.N // count)
-            return [[(n0, min(nb, self.N - n0), 0, rows)] for n0 in range(0, self.N, nb)]
-        nr = max(1, COLS_BUDGET // (self.taps * OW))
-        bands = -(-rows // nr)
-        nr = -(-rows // bands)
-        return [[(n, 1, r0, min(nr, rows - r0)) for r0 in range(0, rows, nr)]
-                for n in range(self.N)]
+            chunks = [(n0, min(nb, self.N - n0), 0, rows) for n0 in range(0, self.N, nb)]
+        else:
+            nr = max(1, COLS_BUDGET // (self.taps * OW))
+            bands = -(-rows // nr)
+            nr = -(-rows // bands)
+            chunks = [(n, 1, r0, min(nr, rows - r0)) for n in range(self.N)
+                      for r0 in range(0, rows, nr)]
+        return _frozen(np.array(chunks, dtype=np.int64).reshape(-1, 4))
+
+    @functools.lru_cache(maxsize=8)
+    def chunk_columns(self, threads: int) -> int:
+        """The widest chunk's column count."""
+        units = self.units(threads)
+        return int((units[:, 1] * units[:, 3]).max()) * self.out[2]
 
 
-def _run_units(units: list, work, threads: int) -> None:
-    """Run ``work(chunk)`` for every chunk, each unit on one thread, units handed out in turn
-    to whichever thread is free (the outputs of different units never overlap)."""
-    counter = itertools.count()
-    lock = threading.Lock()
+@functools.lru_cache(maxsize=64)
+def _geometry_cached(x_shape: Ints, w_shape: Ints, stride: Ints, padding: Ints, dilation: Ints,
+                     groups: int) -> _Geometry:
+    return _Geometry(x_shape, w_shape, stride, padding, dilation, groups)
 
-    def worker():
-        while True:
-            with lock:
-                i = next(counter)
-            if i >= len(units):
-                return
-            for chunk in units[i]:
-                work(chunk)
 
-    with single_threaded_blas():
-        run_all([worker] * max(1, min(threads, len(units))))
+def _geometry(x_shape, w_shape, stride, padding, dilation, groups) -> _Geometry:
+    """The (cached) geometry of a call: a training loop repeats a few layer shapes, and working
+    out shapes, chunks and index maps costs tens of microseconds, more than a small kernel."""
+    return _geometry_cached(tuple(x_shape), tuple(w_shape), tuple(stride), tuple(padding),
+                            tuple(dilation), groups)
+
+
+def _spread(units: np.ndarray, threads: int) -> np.ndarray:
+    """Boundaries of ``threads`` contiguous runs of units, cut only between samples."""
+    starts = [0]
+    count = len(units)
+    for t in range(1, threads):
+        i = max(starts[-1], (count * t) // threads)
+        while 0 < i < count and units[i, 0] == units[i - 1, 0] and units[i, 1] == 1:
+            i += 1  # do not split the bands of one sample
+        starts.append(min(i, count))
+    starts.append(count)
+    return np.array(starts, dtype=np.int64)
 
 
 # --- forward --------------------------------------------------------------------------------------
 
 def conv_forward(x, w, stride: Ints, padding: Ints, dilation: Ints, groups: int):
     """x (N, C, *S), w (K, C // groups, *KS) -> y (N, K, *O), cross-correlation like PyTorch."""
-    geo = _Geometry(x.shape, w.shape, stride, padding, dilation, groups)
+    geo = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     x5 = as3d(x)
     w5 = as3d(np.asarray(w, dtype=x5.dtype))
     if geo.empty():
         return np.zeros(geo.y_shape(), dtype=x5.dtype)
     y5 = np.empty((geo.N, geo.K) + geo.out, dtype=x5.dtype)
     if geo.pointwise():
-        w2 = w5.reshape(geo.K, geo.C)
-        x3 = x5.reshape(geo.N, geo.C, -1)
-        y3 = y5.reshape(geo.N, geo.K, -1)
-
-        def body(a, b):
-            np.matmul(w2, x3[a:b], out=y3[a:b])
-
         with single_threaded_blas():
-            parallel_for(body, geo.N)
+            _pointwise(w5.reshape(geo.K, geo.C), x5.reshape(geo.N, geo.C, -1),
+                       y5.reshape(geo.N, geo.K, -1), False)
+    elif geo.winograd():
+        _winograd_forward(x5, w5, geo, y5)
     elif geo.direct():
-        parallel_for(lambda a, b: _direct_forward(x5, w5, geo.st, geo.pd, geo.dl, y5, a, b),
-                     geo.N * geo.K, min_per_thread=4)
+        maps, valid = geo.maps()
+        _direct_forward(x5, w5, geo.ks, geo.pd, geo.dl, maps, valid,
+                        is_same(geo.size, geo.st, geo.out), y5)
     else:
         _gemm_forward(x5, w5, geo, y5)
     return y5.reshape(geo.y_shape())
 
 
 def _gemm_forward(x5, w5, geo: _Geometry, y5) -> None:
-    w2 = w5.reshape(geo.K, geo.taps)
-    OW = geo.out[2]
-    y4 = y5.reshape(geo.N, geo.K, geo.out[0] * geo.out[1], OW)
-
-    def work(chunk):
-        n0, nb, r0, nr = chunk
-        span = nr * OW
-        per_sample = geo.per_sample(chunk)
-        cols = scratch("cols", (geo.taps * nb * span,), x5.dtype)
-        res = None if per_sample else scratch("gemm", (geo.Kg, nb * span), x5.dtype)
-        for g in range(geo.groups):
-            im2col(x5, n0, nb, r0, nr, g * geo.Cg, geo.Cg, *geo.gather_args(), cols, per_sample)
-            k = slice(g * geo.Kg, (g + 1) * geo.Kg)
-            if per_sample:
-                for b in range(nb):
-                    np.matmul(w2[k], cols[b * geo.taps * span:(b + 1) * geo.taps * span]
-                              .reshape(geo.taps, span), out=y4[n0 + b, k, r0:r0 + nr]
-                              .reshape(geo.Kg, span))
-            else:
-                np.matmul(w2[k], cols.reshape(geo.taps, nb * span), out=res)
-                y4[n0:n0 + nb, k, r0:r0 + nr] = \
-                    res.reshape(geo.Kg, nb, nr, OW).transpose(1, 0, 2, 3)
-
     threads = num_threads()
-    _run_units(geo.units(threads), work, threads)
+    units = geo.units(threads)
+    ncols = geo.chunk_columns(threads)
+    cols = scratch("cols", threads, geo.taps * ncols, x5.dtype)
+    prod = scratch("prod", threads, geo.Kg * ncols, x5.dtype)
+    maps, valid = geo.maps()
+    with single_threaded_blas():
+        _gemm_forward_kernel(x5, w5.reshape(geo.K, geo.taps), y5, units, geo.groups, geo.ks,
+                             geo.pd, geo.dl, maps, valid, is_same(geo.size, geo.st, geo.out),
+                             cols, prod)
 
 
-@njit(nogil=True, cache=True, inline="always")
-def _tap_offset(kk, size, ks, pd, dl):
-    """In a stride-1 'same' convolution, output position p meets input position p + offset
-    under kernel tap kk (flat, within one plane)."""
-    D, H, W = size
-    KD, KH, KW = ks
-    kd = kk // (KH * KW)
-    kh = (kk // KW) % KH
-    kw = kk % KW
-    return ((kd * dl[0] - pd[0]) * H + kh * dl[1] - pd[1]) * W + kw * dl[2] - pd[2]
+def _winograd_forward(x5, w5, geo: _Geometry, y5) -> None:
+    threads = num_threads()
+    units = geo.winograd_units(threads)
+    th, tw = (geo.out[1] + 1) // 2, (geo.out[2] + 1) // 2
+    tiles = int(units[:, 1].max()) * th * tw
+    dtype = x5.dtype
+    u = scratch("wino-u", 1, 16 * geo.K * geo.C, dtype).reshape(16, geo.K, geo.C)
+    _winograd.transform_filters(w5[:, :, 0], u)
+    v = scratch("cols", threads, 16 * geo.C * tiles, dtype)
+    m = scratch("prod", threads, 16 * geo.K * tiles, dtype)
+    pad = scratch("wino-pad", threads, (2 * th + 2) * (2 * tw + 2), dtype)
+    out = scratch("wino-out", threads, 4 * th * tw, dtype)
+    with single_threaded_blas():
+        _winograd.forward(x5[:, :, 0], u, y5[:, :, 0], units, geo.pd[1], geo.pd[2], v, m, pad,
+                          out)
+
+
+@parallel_kernel
+def _gemm_forward_kernel(x, w2, y, units, groups, ks, pd, dl, maps, valid, same, cols_buf,
+                         prod_buf):
+    """y (N, K, OD, OH, OW) chunk by chunk (one thread per chunk): gather, one product per
+    group into the thread's buffer, then copy each (sample, filter) run into y."""
+    N, C = x.shape[0], x.shape[1]
+    K, taps = w2.shape
+    OD, OH, OW = y.shape[2], y.shape[3], y.shape[4]
+    Kg = K // groups
+    Cg = C // groups
+    y3 = y.reshape(N, K, OD * OH * OW)
+    for u in prange(units.shape[0]):
+        t = numba.get_thread_id()
+        n0, nb, r0, nr = units[u, 0], units[u, 1], units[u, 2], units[u, 3]
+        span = nr * OW
+        ncols = nb * span
+        cols = cols_buf[t, :taps * ncols]
+        prod = prod_buf[t, :Kg * ncols].reshape(Kg, ncols)
+        for g in range(groups):
+            im2col(x, n0, nb, r0, nr, g * Cg, Cg, ks, pd, dl, OW, maps, valid, same, cols)
+            np.dot(w2[g * Kg:(g + 1) * Kg], cols.reshape(taps, ncols), prod)
+            for b in range(nb):
+                for k in range(Kg):
+                    dst = y3[n0 + b, g * Kg + k, r0 * OW:(r0 + nr) * OW]
+                    src = prod[k, b * span:(b + 1) * span]
+                    for i in range(span):
+                        dst[i] = src[i]
+
+
+@parallel_kernel
+def _pointwise(w2, x3, y3, transposed):
+    """y3[n] = w2 @ x3[n] (or w2^T @ x3[n]) for every sample n, one sample per task."""
+    for n in prange(x3.shape[0]):
+        if transposed:
+            np.dot(w2.T, x3[n], y3[n])
+        else:
+            np.dot(w2, x3[n], y3[n])
 
 
 @njit(nogil=True, cache=True)
-def _direct_forward(x, w, st, pd, dl, y, start, stop):
-    """Output planes start..stop of y (N, K, OD, OH, OW), plane n * K + k, from x (N, C, D, H, W)
-    and w (K, C/groups, KD, KH, KW), adding one kernel tap at a time over the whole plane."""
+def _direct_forward(x, w, ks, pd, dl, maps, valid, same, y):
+    """y (N, K, OD, OH, OW) from x (N, C, D, H, W) and w (K, C/groups, KD, KH, KW), one task
+    per (n, k) output plane, adding one kernel tap at a time over the whole plane."""
     N, C, D, H, W = x.shape
-    K, Cg, KD, KH, KW = w.shape
-    _, _, OD, OH, OW = y.shape
+    K, Cg = w.shape[0], w.shape[1]
+    KK = ks[0] * ks[1] * ks[2]
     Kg = K // (C // Cg)
-    KK = KD * KH * KW
+    P = y.shape[2] * y.shape[3] * y.shape[4]
+    plane = D * H * W
     xf = x.reshape(-1)
     wf = w.reshape(-1)
     yf = y.reshape(-1)
-    plane = D * H * W
-    P = OD * OH * OW
-    maps = _index_maps((D, H, W), 0, OD * OH, (KD, KH, KW), st, pd, dl, (OD, OH, OW))
-    valid = _valid_masks(maps)
-    same = _is_same((D, H, W), st, (OD, OH, OW))
     zero = zero_of(xf)
-    for task in range(start, stop):
+    for task in range(N * K):
         n = task // K
         k = task - n * K
         g = k // Kg
@@ -253,7 +323,7 @@ def _direct_forward(x, w, st, pd, dl, y, start, stop):
             for kk in range(KK):
                 wv = wf[(k * Cg + c) * KK + kk]
                 if same:
-                    off = _tap_offset(kk, (D, H, W), (KD, KH, KW), pd, dl)
+                    off = tap_offset(kk, (D, H, W), ks, pd, dl)
                     first = min(P, max(0, -off))
                     last = max(first, min(P, plane - off))
                     dst = yp[first:last]
@@ -274,88 +344,97 @@ def _direct_forward(x, w, st, pd, dl, y, start, stop):
 def conv_backward_data(gy, w, x_shape: Ints, stride: Ints, padding: Ints, dilation: Ints,
                        groups: int):
     """gy (N, K, *O), w (K, C // groups, *KS) -> gx (N, C, *S) = x_shape."""
-    geo = _Geometry(tuple(x_shape), w.shape, stride, padding, dilation, groups)
+    geo = _geometry(x_shape, w.shape, stride, padding, dilation, groups)
     gy5 = as3d(gy)
     w5 = as3d(np.asarray(w, dtype=gy5.dtype))
-    if geo.st == (1, 1, 1) and not geo.pointwise() and all(
-            p <= d * (k - 1) for p, d, k in zip(geo.pd, geo.dl, geo.ks)):
-        # With stride 1 the adjoint is itself a convolution: of gy with the filters flipped in
-        # space and transposed (K <-> C within each group), padded by dilation * (KS - 1) - P.
-        # The gather it needs is the cheap stride-1 copy, and the product's inner dimension is
-        # K * prod(KS) rather than K.
+    if geo.empty():
+        return np.zeros(geo.x_shape(), dtype=gy5.dtype)
+    if geo.pointwise():
+        gx5 = np.empty((geo.N, geo.C) + geo.size, dtype=gy5.dtype)
+        with single_threaded_blas():
+            _pointwise(w5.reshape(geo.K, geo.C), gy5.reshape(geo.N, geo.K, -1),
+                       gx5.reshape(geo.N, geo.C, -1), True)
+        return gx5.reshape(geo.x_shape())
+    if (geo.st == (1, 1, 1) and not geo.direct() and 2 * geo.Cg >= geo.Kg
+            and all(p <= d * (k - 1) for p, d, k in zip(geo.pd, geo.dl, geo.ks))):
+        # The adjoint of a stride-1 convolution: gy convolved with the filters flipped in space
+        # and transposed (K <-> C within each group), padded by dilation * (KS - 1) - P.
         w_t = w5.reshape((geo.groups, geo.Kg, geo.Cg) + geo.ks)[:, :, :, ::-1, ::-1, ::-1]
         w_t = np.ascontiguousarray(w_t.transpose(0, 2, 1, 3, 4, 5))
         w_t = w_t.reshape((geo.C, geo.Kg) + geo.ks[3 - geo.nd:])
         pad = tuple(d * (k - 1) - p for p, d, k in zip(geo.pd, geo.dl, geo.ks))
-        gx = conv_forward(gy, w_t, (1,) * geo.nd, pad[3 - geo.nd:], geo.dl[3 - geo.nd:],
-                          geo.groups)
-        return gx
-    if geo.pointwise():
-        gx5 = np.empty((geo.N, geo.C) + geo.size, dtype=gy5.dtype)
-        w2t = w5.reshape(geo.K, geo.C).T
-        gy3 = gy5.reshape(geo.N, geo.K, -1)
-        gx3 = gx5.reshape(geo.N, geo.C, -1)
-
-        def body(a, b):
-            np.matmul(w2t, gy3[a:b], out=gx3[a:b])
-
-        with single_threaded_blas():
-            parallel_for(body, geo.N)
-        return gx5.reshape(geo.x_shape())
+        return conv_forward(gy, w_t, (1,) * geo.nd, pad[3 - geo.nd:], geo.dl[3 - geo.nd:],
+                            geo.groups)
     gx5 = np.zeros((geo.N, geo.C) + geo.size, dtype=gy5.dtype)
-    if geo.empty():
-        return gx5.reshape(geo.x_shape())
+    maps, valid = geo.maps()
+    same = is_same(geo.size, geo.st, geo.out)
     if geo.direct():
-        parallel_for(lambda a, b: _direct_backward_data(gy5, w5, geo.st, geo.pd, geo.dl, gx5,
-                                                        a, b),
-                     geo.N * geo.C, min_per_thread=4)
-    else:
-        _gemm_backward_data(gy5, w5, geo, gx5)
+        _direct_backward_data(gy5, w5, maps, gx5)
+        return gx5.reshape(geo.x_shape())
+    threads = num_threads()
+    units = geo.units(threads)
+    ncols = geo.chunk_columns(threads)
+    gcols = scratch("cols", threads, geo.taps * ncols, gy5.dtype)
+    gyt = scratch("gyt", threads, geo.Kg * ncols, gy5.dtype)
+    with single_threaded_blas():
+        _gemm_backward_data_kernel(gy5, w5.reshape(geo.K, geo.taps), gx5, units,
+                                   _spread(units, threads), geo.groups, geo.ks, geo.pd, geo.dl,
+                                   maps, valid, same, gcols, gyt)
     return gx5.reshape(geo.x_shape())
 
 
-def _gy_chunk(gy5, geo: _Geometry, g: int, chunk) -> np.ndarray:
-    """gy's chunk for group g as a (K/groups, nb * nr * OW) matrix (a reused buffer)."""
-    n0, nb, r0, nr = chunk
-    OW = geo.out[2]
-    gy4 = gy5.reshape(geo.N, geo.K, geo.out[0] * geo.out[1], OW)
-    gyt = scratch("gyt", (geo.Kg, nb, nr, OW), gy5.dtype)
-    gyt[...] = gy4[n0:n0 + nb, g * geo.Kg:(g + 1) * geo.Kg, r0:r0 + nr].transpose(1, 0, 2, 3)
-    return gyt.reshape(geo.Kg, nb * nr * OW)
+@njit(nogil=True, cache=True, inline="always")
+def _gather_gy(gy3, n0, nb, r0, nr, OW, k0, Kg, gyt):
+    """gy's chunk for filters k0..k0+Kg as a (Kg, nb * nr * OW) matrix in ``gyt``."""
+    span = nr * OW
+    for k in range(Kg):
+        for b in range(nb):
+            src = gy3[n0 + b, k0 + k, r0 * OW:(r0 + nr) * OW]
+            dst = gyt[k, b * span:(b + 1) * span]
+            for i in range(span):
+                dst[i] = src[i]
 
 
-def _gemm_backward_data(gy5, w5, geo: _Geometry, gx5) -> None:
-    w2 = w5.reshape(geo.K, geo.taps)
-
-    def work(chunk):
-        n0, nb, r0, nr = chunk
-        gcols = scratch("cols", (geo.taps, nb * nr * geo.out[2]), gy5.dtype)
-        for g in range(geo.groups):
-            np.matmul(w2[g * geo.Kg:(g + 1) * geo.Kg].T, _gy_chunk(gy5, geo, g, chunk),
-                      out=gcols)
-            col2im_add(gcols.reshape(-1), n0, nb, r0, nr, g * geo.Cg, geo.Cg,
-                       *geo.gather_args(), gx5, False)
-
-    threads = num_threads()
-    _run_units(geo.units(threads), work, threads)
+@parallel_kernel
+def _gemm_backward_data_kernel(gy, w2, gx, units, spread, groups, ks, pd, dl, maps, valid,
+                               same, gcols_buf, gyt_buf):
+    """gx (N, C, D, H, W), zeroed, chunk by chunk: gcols = w^T @ gy, added into gx by col2im.
+    One thread per run of chunks (``spread``), so the bands of one sample, which add into the
+    same rows of gx, stay on one thread, in order."""
+    N, K = gy.shape[0], gy.shape[1]
+    C = gx.shape[1]
+    taps = w2.shape[1]
+    OW = gy.shape[4]
+    Kg = K // groups
+    Cg = C // groups
+    gy3 = gy.reshape(N, K, -1)
+    for t in prange(spread.size - 1):
+        for u in range(spread[t], spread[t + 1]):
+            n0, nb, r0, nr = units[u, 0], units[u, 1], units[u, 2], units[u, 3]
+            ncols = nb * nr * OW
+            gcols = gcols_buf[t, :taps * ncols]
+            gyt = gyt_buf[t, :Kg * ncols].reshape(Kg, ncols)
+            for g in range(groups):
+                _gather_gy(gy3, n0, nb, r0, nr, OW, g * Kg, Kg, gyt)
+                np.dot(w2[g * Kg:(g + 1) * Kg].T, gyt, gcols.reshape(taps, ncols))
+                col2im_add(gcols, n0, nb, r0, nr, g * Cg, Cg, ks, pd, dl, OW, maps, valid,
+                           same, gx)
 
 
 @njit(nogil=True, cache=True)
-def _direct_backward_data(gy, w, st, pd, dl, gx, start, stop):
-    """Input planes start..stop of gx (N, C, D, H, W), plane n * C + c: the adjoint of
+def _direct_backward_data(gy, w, maps, gx):
+    """gx (N, C, D, H, W), zeroed, one task per (n, c) input plane: the adjoint of
     :func:`_direct_forward`, adding one (k, tap) at a time in a fixed order."""
-    N, C, D, H, W = gx.shape
-    K, Cg, KD, KH, KW = w.shape
-    _, _, OD, OH, OW = gy.shape
+    N, C = gx.shape[0], gx.shape[1]
+    K, Cg = w.shape[0], w.shape[1]
+    KK = maps.shape[0]
     Kg = K // (C // Cg)
-    KK = KD * KH * KW
+    P = maps.shape[1]
+    plane = gx.shape[2] * gx.shape[3] * gx.shape[4]
     gyf = gy.reshape(-1)
     wf = w.reshape(-1)
     gxf = gx.reshape(-1)
-    plane = D * H * W
-    P = OD * OH * OW
-    maps = _index_maps((D, H, W), 0, OD * OH, (KD, KH, KW), st, pd, dl, (OD, OH, OW))
-    for task in range(start, stop):
+    for task in range(N * C):
         n = task // C
         ci = task - n * C
         g = ci // Cg
@@ -377,78 +456,107 @@ def _direct_backward_data(gy, w, st, pd, dl, gx, start, stop):
 def conv_backward_weight(gy, x, w_shape: Ints, stride: Ints, padding: Ints, dilation: Ints,
                          groups: int):
     """gy (N, K, *O), x (N, C, *S) -> gw (K, C // groups, *KS) = w_shape."""
-    geo = _Geometry(x.shape, tuple(w_shape), stride, padding, dilation, groups)
+    geo = _geometry(x.shape, w_shape, stride, padding, dilation, groups)
     gy5 = as3d(gy)
     x5 = as3d(np.asarray(x, dtype=gy5.dtype))
     if geo.empty():
         return np.zeros(geo.w_shape(), dtype=gy5.dtype)
+    if geo.winograd() and min(geo.C, geo.K) >= WINOGRAD_WEIGHT_MIN_CHANNELS:
+        return _winograd_backward_weight(gy5, x5, geo).reshape(geo.w_shape())
+    maps, valid = geo.maps()
     if geo.direct():
         gw5 = np.empty((geo.K, geo.Cg) + geo.ks, dtype=gy5.dtype)
-        parallel_for(lambda a, b: _direct_backward_weight(gy5, x5, geo.st, geo.pd, geo.dl, gw5,
-                                                          a, b),
-                     geo.K * geo.Cg)
+        _direct_backward_weight(gy5, x5, maps, gw5)
         return gw5.reshape(geo.w_shape())
-    return _gemm_backward_weight(gy5, x5, geo).reshape(geo.w_shape())
-
-
-def _gemm_backward_weight(gy5, x5, geo: _Geometry) -> np.ndarray:
-    """Each thread sums gy @ cols^T over a contiguous run of units into its own partial, and
-    the partials are added in order, so the result does not depend on timing."""
     threads = num_threads()
     units = geo.units(threads)
-    runs = [units[a:b] for a, b in split(len(units), threads)]
-    OW = geo.out[2]
-    gy4 = gy5.reshape(geo.N, geo.K, geo.out[0] * geo.out[1], OW)
-
-    def job(my_units):
-        partial = np.zeros((geo.K, geo.taps), dtype=x5.dtype)
-        for chunk in itertools.chain.from_iterable(my_units):
-            n0, nb, r0, nr = chunk
-            span = nr * OW
-            per_sample = geo.per_sample(chunk)
-            cols = scratch("cols", (geo.taps * nb * span,), x5.dtype)
-            prod = scratch("gemm", (geo.Kg, geo.taps), x5.dtype)
-            for g in range(geo.groups):
-                k = slice(g * geo.Kg, (g + 1) * geo.Kg)
-                im2col(x5, n0, nb, r0, nr, g * geo.Cg, geo.Cg, *geo.gather_args(), cols,
-                       per_sample)
-                if per_sample:
-                    for b in range(nb):
-                        c2 = cols[b * geo.taps * span:(b + 1) * geo.taps * span]
-                        np.matmul(gy4[n0 + b, k, r0:r0 + nr].reshape(geo.Kg, span),
-                                  c2.reshape(geo.taps, span).T, out=prod)
-                        partial[k] += prod
-                else:
-                    np.matmul(_gy_chunk(gy5, geo, g, chunk),
-                              cols.reshape(geo.taps, nb * span).T, out=prod)
-                    partial[k] += prod
-        return partial
-
+    ncols = geo.chunk_columns(threads)
+    spread = _spread(units, threads)
+    cols = scratch("cols", threads, geo.taps * ncols, x5.dtype)
+    gyt = scratch("gyt", threads, geo.Kg * ncols, x5.dtype)
+    prod = scratch("prod", threads, geo.Kg * geo.taps, x5.dtype)
+    partials = np.zeros((spread.size - 1, geo.K, geo.taps), dtype=x5.dtype)
     with single_threaded_blas():
-        partials = run_all([lambda r=r: job(r) for r in runs])
+        _gemm_backward_weight_kernel(gy5, x5, units, spread, geo.groups, geo.ks, geo.pd, geo.dl,
+                                     maps, valid, is_same(geo.size, geo.st, geo.out), cols, gyt,
+                                     prod, partials)
+    gw = partials[0]
+    for p in partials[1:]:
+        gw += p  # partial sums added in a fixed order
+    return gw.reshape(geo.w_shape())
+
+
+def _winograd_backward_weight(gy5, x5, geo: _Geometry) -> np.ndarray:
+    threads = num_threads()
+    units = geo.winograd_units(threads)
+    spread = np.array([units.shape[0] * t // threads for t in range(threads + 1)],
+                      dtype=np.int64)
+    th, tw = (geo.out[1] + 1) // 2, (geo.out[2] + 1) // 2
+    tiles = int(units[:, 1].max()) * th * tw
+    dtype = x5.dtype
+    runs = spread.size - 1
+    v = scratch("cols", runs, 16 * geo.C * tiles, dtype)
+    q = scratch("gyt", runs, 16 * geo.K * tiles, dtype)
+    pad = scratch("wino-pad", runs, (2 * th + 2) * (2 * tw + 2), dtype)
+    gpad = scratch("wino-out", runs, 4 * th * tw, dtype)
+    prod = scratch("prod", runs, geo.K * geo.C, dtype)
+    partials = np.zeros((runs, 16, geo.K, geo.C), dtype=dtype)
+    with single_threaded_blas():
+        _winograd.backward_weight(x5[:, :, 0], gy5[:, :, 0], units, spread, geo.pd[1],
+                                  geo.pd[2], v, q, pad, gpad, prod, partials)
     total = partials[0]
     for p in partials[1:]:
-        total += p
-    return total
+        total += p  # partial sums added in a fixed order
+    gw = np.empty((geo.K, geo.C, 3, 3), dtype=dtype)
+    _winograd.filters_from(total, gw)
+    return gw
+
+
+@parallel_kernel
+def _gemm_backward_weight_kernel(gy, x, units, spread, groups, ks, pd, dl, maps, valid, same,
+                                 cols_buf, gyt_buf, prod_buf, partials):
+    """partials[t] (K, C/groups * prod(KS)) = sum over thread t's run of chunks of
+    gy (K, cols) @ cols^T, group by group."""
+    N, C = x.shape[0], x.shape[1]
+    K = gy.shape[1]
+    OW = gy.shape[4]
+    taps = partials.shape[2]
+    Kg = K // groups
+    Cg = C // groups
+    gy3 = gy.reshape(N, K, -1)
+    for t in prange(spread.size - 1):
+        prod = prod_buf[t, :Kg * taps].reshape(Kg, taps)
+        for u in range(spread[t], spread[t + 1]):
+            n0, nb, r0, nr = units[u, 0], units[u, 1], units[u, 2], units[u, 3]
+            ncols = nb * nr * OW
+            cols = cols_buf[t, :taps * ncols]
+            gyt = gyt_buf[t, :Kg * ncols].reshape(Kg, ncols)
+            for g in range(groups):
+                im2col(x, n0, nb, r0, nr, g * Cg, Cg, ks, pd, dl, OW, maps, valid, same, cols)
+                _gather_gy(gy3, n0, nb, r0, nr, OW, g * Kg, Kg, gyt)
+                np.dot(gyt, cols.reshape(taps, ncols).T, prod)
+                part = partials[t, g * Kg:(g + 1) * Kg]
+                for k in range(Kg):
+                    dst = part[k]
+                    src = prod[k]
+                    for i in range(taps):
+                        dst[i] += src[i]
 
 
 @njit(nogil=True, cache=True)
-def _direct_backward_weight(gy, x, st, pd, dl, gw, start, stop):
-    """Filter slices start..stop of gw (K, C/groups, KD, KH, KW), slice k * C/groups + c: each
-    tap a dot product of gy's (n, k) planes with the input elements they met, over n in order,
-    accumulated in float64."""
-    N, C, D, H, W = x.shape
-    K, Cg, KD, KH, KW = gw.shape
-    _, _, OD, OH, OW = gy.shape
+def _direct_backward_weight(gy, x, maps, gw):
+    """gw (K, C/groups, KD, KH, KW), one task per (k, c) filter slice: each tap a dot product
+    of gy's (n, k) planes with the input elements they met, over n in order, in float64."""
+    N, C = x.shape[0], x.shape[1]
+    K, Cg = gw.shape[0], gw.shape[1]
+    KK = maps.shape[0]
     Kg = K // (C // Cg)
-    KK = KD * KH * KW
+    P = maps.shape[1]
+    plane = x.shape[2] * x.shape[3] * x.shape[4]
     gyf = gy.reshape(-1)
     xf = x.reshape(-1)
     gwf = gw.reshape(-1)
-    plane = D * H * W
-    P = OD * OH * OW
-    maps = _index_maps((D, H, W), 0, OD * OH, (KD, KH, KW), st, pd, dl, (OD, OH, OW))
-    for task in range(start, stop):
+    for task in range(K * Cg):
         k = task // Cg
         c = task - k * Cg
         ci = (k // Kg) * Cg + c
@@ -487,27 +595,24 @@ def _gathered_dot(g, x, where):
 def bias_add(y, b):
     """y (N, K, *O) + b (K,) broadcast over axis 1 -> a new (N, K, *O) array."""
     y3 = np.ascontiguousarray(y).reshape(y.shape[0], y.shape[1], -1)
-    b = np.ascontiguousarray(b, dtype=y3.dtype)
     out = np.empty(y3.shape, dtype=y3.dtype)
-    parallel_for(lambda a, e: _bias_add(y3, b, out, a, e), y3.shape[0] * y3.shape[1],
-                 min_per_thread=max(1, 32768 // max(1, y3.shape[2])))
+    _bias_add(y3, np.ascontiguousarray(b, dtype=y3.dtype), out)
     return out.reshape(y.shape)
 
 
 def bias_grad(gy):
-    """gy (N, K, *O) -> gb (K,): gy summed over every axis but 1 (float64 accumulators)."""
+    """gy (N, K, *O) -> gb (K,): gy summed over every axis but 1, in float64."""
     g3 = np.ascontiguousarray(gy).reshape(gy.shape[0], gy.shape[1], -1)
     gb = np.empty(gy.shape[1], dtype=g3.dtype)
-    parallel_for(lambda a, e: _bias_grad(g3, gb, a, e), g3.shape[1],
-                 min_per_thread=max(1, 32768 // max(1, g3.shape[0] * g3.shape[2])))
+    _bias_grad(g3, gb)
     return gb
 
 
 @njit(nogil=True, cache=True)
-def _bias_add(y, b, out, start, stop):
-    """Planes start..stop (plane n * K + k) of out (N, K, S) = y + b[k]."""
+def _bias_add(y, b, out):
+    """out (N, K, S) = y + b[k], one task per (n, k) plane."""
     K = y.shape[1]
-    for task in range(start, stop):
+    for task in range(y.shape[0] * K):
         n = task // K
         k = task - n * K
         src = y[n, k]
@@ -518,13 +623,10 @@ def _bias_add(y, b, out, start, stop):
 
 
 @njit(nogil=True, cache=True)
-def _bias_grad(gy, gb, start, stop):
-    """gb[k] for k in start..stop: gy (N, K, S) summed over n and s, n outermost."""
-    N = gy.shape[0]
-    for k in range(start, stop):
+def _bias_grad(gy, gb):
+    """gb[k] = gy (N, K, S) summed over n and s, n outermost, one task per k."""
+    for k in range(gy.shape[1]):
         total = 0.0
-        for n in range(N):
-            row = gy[n, k]
-            for s in range(row.size):
-                total += row[s]
+        for n in range(gy.shape[0]):
+            total += sum_f64(gy[n, k])
         gb[k] = total

@@ -1,8 +1,8 @@
 """Fast CPU batch normalisation (2D and 3D), statistics per channel over N and the spatial axes.
 
-Training mode runs one thread per range of channels: a channel's statistics (two passes in
-float64: the mean, then the centred sums) and its normalisation are done together while the
-channel's N planes are still in cache. Eval mode is one thread per range of (n, c) planes.
+Training mode runs one parallel task per channel: a channel's statistics (one pass of
+shifted sums in float64) and its normalisation are done together while the channel's N planes
+are still in cache. Eval mode is one task per (n, c) plane.
 All sums use :mod:`cnnfast.cpu._reduce` (fixed order), so results are the same bits every run.
 """
 
@@ -11,23 +11,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import prange
 
-from cnnfast.cpu._parallel import parallel_for
-from cnnfast.cpu._reduce import centered_sums_f64, dot_centered_f64, sum_f64
-
-# Elements per thread below which splitting the work costs more than it saves.
-MIN_PER_THREAD = 1 << 15
+from cnnfast.cpu._parallel import parallel_kernel
+from cnnfast.cpu._reduce import centered_sums_f64, dot_centered_f64
 
 
 def _as3(x) -> np.ndarray:
     """A C-contiguous (N, C, S) view (or copy) of an (N, C, *S) array."""
     x = np.ascontiguousarray(x)
     return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def _min_channels(x3) -> int:
-    return max(1, MIN_PER_THREAD // max(1, x3.shape[0] * x3.shape[2]))
 
 
 def batch_norm_forward_train(x, gamma, beta, eps: float):
@@ -42,8 +35,7 @@ def batch_norm_forward_train(x, gamma, beta, eps: float):
     y = np.empty_like(x3)
     mean = np.empty(x3.shape[1], dtype=dtype)
     invstd = np.empty(x3.shape[1], dtype=dtype)
-    parallel_for(lambda a, b: _bn_train(x3, gamma, beta, float(eps), y, mean, invstd, a, b),
-                 x3.shape[1], min_per_thread=_min_channels(x3))
+    _bn_train(x3, gamma, beta, float(eps), y, mean, invstd)
     return y.reshape(x.shape), mean, invstd
 
 
@@ -57,9 +49,7 @@ def batch_norm_forward_eval(x, gamma, beta, running_mean, running_var, eps: floa
     shift = np.ascontiguousarray(running_mean, dtype=dtype)
     beta = np.ascontiguousarray(beta, dtype=dtype)
     y = np.empty_like(x3)
-    planes = x3.shape[0] * x3.shape[1]
-    parallel_for(lambda a, b: _bn_eval(x3, shift, scale, beta, y, a, b), planes,
-                 min_per_thread=max(1, MIN_PER_THREAD // max(1, x3.shape[2])))
+    _bn_eval(x3, shift, scale, beta, y)
     return y.reshape(x.shape)
 
 
@@ -76,31 +66,29 @@ def batch_norm_backward(gy, x, gamma, mean, invstd):
     gx = np.empty_like(x3)
     ggamma = np.empty(x3.shape[1], dtype=dtype)
     gbeta = np.empty(x3.shape[1], dtype=dtype)
-    parallel_for(lambda a, b: _bn_backward(gy3, x3, gamma, mean, invstd, gx, ggamma, gbeta, a, b),
-                 x3.shape[1], min_per_thread=_min_channels(x3))
+    _bn_backward(gy3, x3, gamma, mean, invstd, gx, ggamma, gbeta)
     return gx.reshape(x.shape), ggamma, gbeta
 
 
-@njit(nogil=True, cache=True)
-def _bn_train(x, gamma, beta, eps, y, mean, invstd, start, stop):
-    """Channels start..stop of x (N, C, S): statistics, then y = (x - mean) * gamma * invstd
+@parallel_kernel
+def _bn_train(x, gamma, beta, eps, y, mean, invstd):
+    """One task per channel of x (N, C, S): statistics, then y = (x - mean) * gamma * invstd
     + beta, computed in x's dtype like the reference."""
     N, C, S = x.shape
     count = N * S
-    coef = np.empty(2, dtype=x.dtype)  # the channel's (gamma * invstd, mean) in x's dtype
-    for c in range(start, stop):
-        total = 0.0
-        for n in range(N):
-            total += sum_f64(x[n, c])
-        m = total / count if count else math.nan
+    for c in prange(C):
+        coef = np.empty(2, dtype=x.dtype)  # the channel's (gamma * invstd, mean) in x's dtype
+        # One pass of sums shifted by the channel's first element (the shifted-data variance:
+        # as exact as two passes in float64 unless that element lies thousands of standard
+        # deviations from the mean).
+        shift0 = float(x[0, c, 0]) if count else 0.0
         deviation = 0.0
         squares = 0.0
         for n in range(N):
-            d, q = centered_sums_f64(x[n, c], m)
+            d, q = centered_sums_f64(x[n, c], shift0)
             deviation += d
             squares += q
-        # The corrected two-pass variance: the first term is exact up to rounding, the second
-        # removes what rounding left of the mean.
+        m = shift0 + deviation / count if count else math.nan
         var = squares / count - (deviation / count) ** 2 if count else math.nan
         var = max(var, 0.0)
         mean[c] = m
@@ -117,11 +105,11 @@ def _bn_train(x, gamma, beta, eps, y, mean, invstd, start, stop):
                 dst[s] = (src[s] - shift) * scale + b
 
 
-@njit(nogil=True, cache=True)
-def _bn_eval(x, shift, scale, beta, y, start, stop):
-    """Planes start..stop (plane n * C + c) of y = (x - running_mean) * scale + beta."""
+@parallel_kernel
+def _bn_eval(x, shift, scale, beta, y):
+    """y = (x - running_mean) * scale + beta, one task per (n, c) plane."""
     C = x.shape[1]
-    for p in range(start, stop):
+    for p in prange(x.shape[0] * C):
         n = p // C
         c = p - n * C
         src = x[n, c]
@@ -133,14 +121,14 @@ def _bn_eval(x, shift, scale, beta, y, start, stop):
             dst[s] = (src[s] - m) * k + b
 
 
-@njit(nogil=True, cache=True)
-def _bn_backward(gy, x, gamma, mean, invstd, gx, ggamma, gbeta, start, stop):
-    """Channels start..stop: sums of gy and gy * (x - mean) in float64, then
+@parallel_kernel
+def _bn_backward(gy, x, gamma, mean, invstd, gx, ggamma, gbeta):
+    """One task per channel: sums of gy and gy * (x - mean) in float64, then
     gx = k1 * gy - k2 - k3 * (x - mean) with the channel's coefficients in x's dtype."""
     N, C, S = x.shape
     count = N * S
-    coef = np.empty(4, dtype=x.dtype)
-    for c in range(start, stop):
+    for c in prange(C):
+        coef = np.empty(4, dtype=x.dtype)
         m = mean[c]
         g_sum = 0.0
         g_dot = 0.0
