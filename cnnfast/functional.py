@@ -83,12 +83,6 @@ def _check_rank(x: Tensor, nd: int, op: str, name: str = "input") -> None:
         raise ValueError(f"{op}: {name} must be {nd + 2}-D {_SPATIAL[nd]}, got shape {x.shape}")
 
 
-def _out_size(size, kernel, stride, padding, dilation=None):
-    dilation = dilation or (1,) * len(size)
-    return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
-                 for s, k, st, p, d in zip(size, kernel, stride, padding, dilation))
-
-
 # --- convolution ----------------------------------------------------------------------------------
 
 class Conv(Function):

@@ -9,10 +9,9 @@ against float64 central differences on tiny shapes.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import pytest
+from cases import ConvCase, PoolCase
 
 from cnnfast.cpu import activation, conv, norm, pool
 from cnnfast.reference import activation as ref_activation
@@ -56,19 +55,6 @@ def assert_unchanged(arrays, copies):
 
 
 # --- convolution ----------------------------------------------------------------------------------
-
-class ConvCase(NamedTuple):
-    x_shape: tuple[int, ...]
-    w_shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-    dilation: tuple[int, ...]
-    groups: int
-
-    @property
-    def args(self):
-        return self.stride, self.padding, self.dilation, self.groups
-
 
 CONV_CASES = {
     # GEMM, stride-1 'same' shifted copy, batched layout; backward-data as a flipped conv.
@@ -233,17 +219,6 @@ def test_bias_backward_matches_finite_differences():
 
 
 # --- pooling --------------------------------------------------------------------------------------
-
-class PoolCase(NamedTuple):
-    x_shape: tuple[int, ...]
-    kernel: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-
-    @property
-    def args(self):
-        return self.kernel, self.stride, self.padding
-
 
 POOL_CASES = {
     "2d-2x2-s2": PoolCase((2, 3, 8, 6), (2, 2), (2, 2), (0, 0)),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from cases import ConvCase, PoolCase
+
 from cnnfast import dispatch
 
 if not dispatch.gpu_present():
@@ -17,7 +19,6 @@ if not dispatch.gpu_present():
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from typing import NamedTuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -54,19 +55,6 @@ def randn(rng, shape, dtype):
 
 
 # --- convolution ----------------------------------------------------------------------------
-
-class ConvCase(NamedTuple):
-    x_shape: tuple[int, ...]
-    w_shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-    dilation: tuple[int, ...]
-    groups: int
-
-    @property
-    def args(self):
-        return self.stride, self.padding, self.dilation, self.groups
-
 
 # With SMALL_TILES (8 x 8 tiles, 4-deep slices) these cover partial row and column tiles, several
 # column tiles per group, reductions that are not a multiple of 4, and split backward weight.
@@ -171,17 +159,6 @@ def test_bias_add_and_grad(dtype):
 
 
 # --- pooling --------------------------------------------------------------------------------
-
-class PoolCase(NamedTuple):
-    x_shape: tuple[int, ...]
-    kernel: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-
-    @property
-    def args(self):
-        return self.kernel, self.stride, self.padding
-
 
 POOL_CASES = {
     "2d-k2s2": PoolCase((2, 3, 6, 6), (2, 2), (2, 2), (0, 0)),

@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple
 
 import numpy as np
 import pytest
+from cases import ConvCase
 
 from cnnfast.reference import conv as ref
 from cnnfast.testing import assert_close, gradient_check
-
-
-class ConvCase(NamedTuple):
-    x_shape: tuple[int, ...]
-    w_shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-    dilation: tuple[int, ...]
-    groups: int
-
-    @property
-    def args(self):
-        return self.stride, self.padding, self.dilation, self.groups
-
 
 CASES = {
     "2d-plain": ConvCase((2, 3, 5, 6), (4, 3, 3, 3), (1, 1), (0, 0), (1, 1), 1),

@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import NamedTuple
 
 import numpy as np
 import pytest
+from cases import PoolCase
 
 from cnnfast.reference import pool as ref
 from cnnfast.testing import assert_close, gradient_check
-
-
-class PoolCase(NamedTuple):
-    x_shape: tuple[int, ...]
-    kernel: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-
-    @property
-    def args(self):
-        return self.kernel, self.stride, self.padding
-
 
 # PyTorch allows padding up to half the kernel; these stay within that.
 CASES = {
