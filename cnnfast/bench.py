@@ -1461,6 +1461,10 @@ def run_benchmarks(options: Options, candidates: list[Candidate] | None = None) 
     started = _dt.datetime.now().astimezone()
     machine = machine_info(options)          # the load average before the run
     machine["threads"] = threads
+    # Every candidate (PyTorch too) runs under the allocator settings a cnnfast user gets.
+    from cnnfast.cpu._malloc import tune_malloc
+
+    machine["malloc"] = tune_malloc()
     t0 = time.perf_counter()
     runner.run()
     machine["gpu"] = gpu_name()              # torch may have loaded since
@@ -1531,7 +1535,9 @@ def format_table(report: dict) -> str:
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
         + (f"; torch {report['versions']['torch']} with {threads['torch']} threads"
            if "torch" in threads else "")
-        + (f"; numba {threads['numba']} threads" if "numba" in threads else ""),
+        + (f"; numba {threads['numba']} threads" if "numba" in threads else "")
+        + ("; glibc malloc thresholds raised (cnnfast.cpu._malloc)"
+           if m.get("malloc", {}).get("applied") else ""),
         "median of round-robin repeats (warm-up excluded); 1st = first call incl. JIT compile "
         "(at the check batch); vs torch = t_torch / t_path (>1: faster than PyTorch)",
     ]

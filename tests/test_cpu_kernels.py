@@ -9,6 +9,12 @@ against float64 central differences on tiny shapes.
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from cases import ConvCase, PoolCase
@@ -411,3 +417,40 @@ def test_batch_norm_deterministic():
     back = [norm.batch_norm_backward(gy, x, gamma, runs[0][1], runs[0][2]) for _ in range(2)]
     for a, b in zip(*back):
         assert np.array_equal(a, b)
+
+
+# --- allocator thresholds (cnnfast.cpu._malloc) ---------------------------------------------------
+
+_FAULTS_SCRIPT = """
+import json, resource, sys
+import numpy as np
+import cnnfast.cpu
+from cnnfast.cpu._malloc import malloc_state
+# Activation-sized arrays allocated and freed as a training step does (1.6 MiB each).
+def step():
+    a = [np.ones((64, 8, 28, 28), np.float32) for _ in range(8)]
+    return sum(float(x[0, 0, 0, 0]) for x in a)
+step()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 20
+print(json.dumps({"faults": faults, "state": malloc_state()}))
+"""
+
+
+def _faults_per_step(tune: str) -> dict:
+    env = dict(os.environ, CNNFAST_MALLOC_TUNE=tune)
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc allocator only")
+def test_malloc_tuning_keeps_activations_off_fresh_pages():
+    on, off = _faults_per_step("1"), _faults_per_step("0")
+    assert on["state"]["applied"] and on["state"]["mmap_threshold"] == 32 << 20
+    assert not off["state"]["applied"] and "CNNFAST_MALLOC_TUNE" in off["state"]["reason"]
+    # Without it every 1.6 MiB array is a fresh mmap (about 400 faults each); with it, reuse.
+    assert off["faults"] > 1000
+    assert on["faults"] < 50

@@ -135,12 +135,28 @@ def _along(axis: int, ndim: int, index) -> tuple:
     return (slice(None),) * axis + (index,) + (slice(None),) * (ndim - axis - 1)
 
 
+def _split_shape(shape, out_size, ones: bool = False) -> tuple:
+    """(N, C, S1, S2, ...) -> (N, C, O1, S1/O1, O2, S2/O2, ...) (bin sizes 1 with ``ones``)."""
+    split = tuple(shape[:2])
+    for s, o in zip(shape[2:], out_size):
+        split += (o, 1 if ones else s // o)
+    return split
+
+
+def _bin_axes(nd: int) -> tuple:
+    return tuple(3 + 2 * i for i in range(nd))
+
+
 def adaptive_avg_pool_forward(x, out_size: Ints):
     """Adaptive average pooling: x (N, C, *S) -> y (N, C, *out_size).
 
     Output i along an axis is the mean of input positions [floor(i*S/O), ceil((i+1)*S/O)).
     """
     xp = array_xp(x)
+    if all(s % o == 0 for s, o in zip(x.shape[2:], out_size)):
+        # Equal bins of k = S / O (global average pooling is O = 1): one reshape and one mean.
+        y = x.reshape(_split_shape(x.shape, out_size)).mean(axis=_bin_axes(len(out_size)))
+        return xp.ascontiguousarray(y).astype(x.dtype, copy=False)
     y = x
     for axis, o in zip(range(2, x.ndim), out_size):
         pieces = [
@@ -155,6 +171,12 @@ def adaptive_avg_pool_backward(gy, x_shape: Ints):
     """Gradient of adaptive_avg_pool_forward: gy (N, C, *O) -> gx (x_shape = (N, C, *S))."""
     xp = array_xp(gy)
     x_shape = tuple(x_shape)
+    out_size = gy.shape[2:]
+    if all(s % o == 0 for s, o in zip(x_shape[2:], out_size)):
+        count = int(np.prod([s // o for s, o in zip(x_shape[2:], out_size)]))
+        share = (gy / gy.dtype.type(count)).reshape(_split_shape(gy.shape, out_size, ones=True))
+        return xp.ascontiguousarray(
+            xp.broadcast_to(share, _split_shape(x_shape, out_size)).reshape(x_shape))
     g = gy
     # The forward pools axis 2, then 3, ...; undo them in reverse order.
     for axis in reversed(range(2, gy.ndim)):
