@@ -71,7 +71,9 @@ class TrainConfig:
     def resolved_milestones(self) -> list[int]:
         if self.milestones is not None:
             return [int(m) for m in self.milestones]
-        return [int(0.5 * self.epochs), int(0.75 * self.epochs)]
+        # At 50% and 75% of the run; a milestone at epoch 0 would lower the rate from the
+        # start (a 1-epoch run would train at lr * gamma**2), so short runs drop those.
+        return sorted({m for m in (int(0.5 * self.epochs), int(0.75 * self.epochs)) if m >= 1})
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -82,6 +82,9 @@ def test_train_config_validation():
     with pytest.raises(ValueError, match="lr must be a positive number"):
         TrainConfig(lr=-1.0)
     assert TrainConfig().resolved_milestones() == [50, 75]  # the MedMNIST recipe
+    assert TrainConfig(epochs=3).resolved_milestones() == [1, 2]
+    assert TrainConfig(epochs=2).resolved_milestones() == [1]
+    assert TrainConfig(epochs=1).resolved_milestones() == []   # not [0, 0]: full lr throughout
 
 
 # --- the command line ---------------------------------------------------------------------------
