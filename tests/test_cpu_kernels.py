@@ -234,6 +234,8 @@ POOL_CASES = {
     "2d-rect": PoolCase((2, 2, 7, 8), (3, 2), (1, 3), (1, 0)),
     "3d-2x2x2": PoolCase((1, 2, 4, 6, 5), (2, 2, 2), (2, 2, 2), (0, 0, 0)),
     "3d-mixed-pad": PoolCase((2, 1, 5, 7, 6), (2, 3, 2), (1, 2, 2), (1, 1, 0)),
+    "2d-overlap-rect-no-pad": PoolCase((2, 2, 7, 9), (3, 2), (1, 2), (0, 0)),
+    "3d-overlap-no-pad": PoolCase((1, 2, 7, 6, 5), (3, 3, 2), (2, 1, 2), (0, 0, 0)),
 }
 POOL_IDS = list(POOL_CASES)
 
@@ -277,6 +279,21 @@ def test_max_pool_nan_and_padding():
         y_ref, idx_ref = ref_pool.max_pool_forward(x, *args)
         assert np.array_equal(y, y_ref, equal_nan=True) and np.array_equal(idx, idx_ref)
         assert np.all(idx >= 0)  # padding (0) never beats the negative inputs
+
+
+@pytest.mark.parametrize("args", [((2, 2), (2, 2), (0, 0)), ((3, 2), (1, 2), (0, 0)),
+                                  ((2, 2), (1, 1), (0, 0))])
+def test_max_pool_without_padding_nan_ties_and_infinities(args):
+    """The no-padding row kernel keeps the reference's rules: first maximum in scan order,
+    NaN wins (a later NaN over an earlier one), -inf and ties handled alike."""
+    rng = np.random.default_rng(11)
+    x = rng.integers(-2, 3, (2, 3, 7, 8)).astype(np.float32)  # many ties
+    flat = x.reshape(-1)
+    flat[rng.choice(flat.size, 12, replace=False)] = np.nan
+    flat[rng.choice(flat.size, 6, replace=False)] = -np.inf
+    y, idx = pool.max_pool_forward(x, *args)
+    y_ref, idx_ref = ref_pool.max_pool_forward(x, *args)
+    assert np.array_equal(y, y_ref, equal_nan=True) and np.array_equal(idx, idx_ref)
 
 
 @pytest.mark.parametrize("case_id", ["2d-3x3-s2-pad1", "2d-overlap-s1-pad1", "3d-mixed-pad"])
