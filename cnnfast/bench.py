@@ -987,6 +987,29 @@ def inner_loops(call_s: float) -> int:
     return max(1, min(1000, int(MIN_SAMPLE_S / max(call_s, 1e-7))))
 
 
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Cores' worth of CPU time that ran (anything but idle and I/O wait) during ``seconds``,
+    from /proc/stat; called while this process sleeps, it is what other processes used. None
+    where /proc/stat is missing. Unlike the load average, it is not raised by kernel threads that
+    wait uninterruptibly without using a CPU (a VM can show a load of 1 while idle)."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    ticks = total1 - total0
+    if ticks <= 0:
+        return None
+    return (os.cpu_count() or 1) * (ticks - (idle1 - idle0)) / ticks
+
+
 def load_average() -> float | None:
     """The 1-minute load average (None where the OS has none)."""
     try:
@@ -1193,6 +1216,7 @@ def machine_info(options: Options) -> dict:
     }
     with contextlib.suppress(OSError, AttributeError):
         info["load_avg_start"] = os.getloadavg()
+    info["cpu_busy_start"] = cpu_busy()
     return info
 
 
@@ -1511,15 +1535,19 @@ def _status(row: dict) -> str:
 
 
 def busy_note(report: dict) -> str | None:
-    """A warning when other processes competed for the cores: a 1-minute load above half the
-    threads before the run started, or above the threads this run uses (plus one) during it."""
+    """A warning when other processes competed for the cores: before the run, more than half
+    the threads' worth of CPU used by others over one second (``cpu_busy_start``; where that is
+    missing, a 1-minute load above half the threads), or during it a 1-minute load above the
+    threads this run uses plus one."""
     m = report["machine"]
     threads = m.get("threads_available") or 1
-    start = (m.get("load_avg_start") or [0])[0]
+    busy = m.get("cpu_busy_start")
+    start = busy if busy is not None else (m.get("load_avg_start") or [0])[0]
+    what = "CPUs busy" if busy is not None else "1-minute load"
     during = [r["load_1m"] for r in report["results"] if r.get("load_1m") is not None]
     peak = max(during, default=0.0)
     if start > threads / 2 or peak > threads + 1:
-        return (f"the machine was busy (1-minute load {start:.1f} at the start, up to "
+        return (f"the machine was busy ({what} {start:.1f} at the start, 1-minute load up to "
                 f"{peak:.1f} during the run, on {threads} threads): multi-threaded timings, "
                 "PyTorch's most of all, are inflated; see each row's load_1m in the JSON")
     return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -280,6 +281,21 @@ def test_busy_machine_is_flagged():
     assert bench.busy_note(report(0.2, 2.5)) is None
     assert "busy" in bench.busy_note(report(1.8, 2.5))
     assert "busy" in bench.busy_note(report(0.2, 4.0))
+    # CPU time used by others, where measured, decides at the start instead of the load
+    # average (which an idle VM can hold at 1 with kernel threads that use no CPU).
+    idle_vm = report(1.1, 2.5)
+    idle_vm["machine"]["cpu_busy_start"] = 0.02
+    assert bench.busy_note(idle_vm) is None
+    idle_vm["machine"]["cpu_busy_start"] = 1.5
+    assert "CPUs busy 1.5" in bench.busy_note(idle_vm)
+
+
+def test_cpu_busy_reads_proc_stat():
+    busy = bench.cpu_busy(0.05)
+    if not os.path.exists("/proc/stat"):
+        assert busy is None
+    else:
+        assert 0.0 <= busy <= os.cpu_count()
 
 
 def test_relative_errors():
