@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from cases import ConvCase, PoolCase
+from cases import ConvCase, PoolCase, make_array
 
 from cnnfast.cpu import activation, conv, norm, pool
 from cnnfast.reference import activation as ref_activation
@@ -35,19 +35,6 @@ def tolerance(dtype, scale: float = 1.0) -> dict:
     if dtype == np.float32:
         return {"rtol": 2e-4 * scale, "atol": 2e-4 * scale}
     return {"rtol": 1e-9, "atol": 1e-9}
-
-
-def make_array(rng, shape, dtype=np.float64, layout="contiguous"):
-    """A standard-normal array; 'transposed' and 'sliced' give non-contiguous views."""
-    shape = tuple(shape)
-    if layout == "contiguous":
-        return rng.standard_normal(shape).astype(dtype)
-    if layout == "transposed":
-        a = rng.standard_normal(shape[::-1]).astype(dtype).transpose()
-    else:  # sliced
-        a = rng.standard_normal(shape[:-1] + (2 * shape[-1],)).astype(dtype)[..., ::2]
-    assert a.shape == shape and not a.flags.c_contiguous
-    return a
 
 
 def frozen(*arrays):

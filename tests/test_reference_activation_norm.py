@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cases import make_array
 
 from cnnfast.reference import activation, linear, norm
 from cnnfast.testing import assert_close, gradient_check
@@ -15,23 +16,6 @@ NORM_SHAPES = {
     "2d-batch1-odd": (1, 3, 5, 7),
     "3d": (2, 3, 3, 4, 5),
 }
-
-
-def make_array(rng, shape, dtype=np.float64, layout="contiguous"):
-    """A standard-normal array of ``shape``; 'transposed' and 'sliced' give non-contiguous views."""
-    shape = tuple(shape)
-    if layout == "contiguous":
-        return rng.standard_normal(shape).astype(dtype)
-    if layout == "transposed":
-        a = rng.standard_normal(shape[::-1]).astype(dtype).transpose()
-    elif layout == "sliced":
-        a = rng.standard_normal(shape[:-1] + (2 * shape[-1],)).astype(dtype)[..., ::2]
-    else:
-        raise ValueError(layout)
-    assert a.shape == shape
-    # A transposed (1, IN) row is still contiguous; every other case here is a strided view.
-    assert not a.flags.c_contiguous or (layout == "transposed" and 1 in shape)
-    return a
 
 
 def away_from_zero(rng, shape):

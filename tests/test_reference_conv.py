@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from cases import ConvCase
+from cases import ConvCase, make_array
 
 from cnnfast.reference import conv as ref
 from cnnfast.testing import assert_close, gradient_check
@@ -46,21 +46,6 @@ def naive_conv(x, w, stride, padding, dilation, groups):
                 total += x[(b, g * cg + ci) + tuple(pos)] * w[(f, ci) + off]
         y[(b, f) + o] = total
     return y
-
-
-def make_array(rng, shape, dtype=np.float64, layout="contiguous"):
-    """A standard-normal array of ``shape``; 'transposed' and 'sliced' give non-contiguous views."""
-    shape = tuple(shape)
-    if layout == "contiguous":
-        return rng.standard_normal(shape).astype(dtype)
-    if layout == "transposed":
-        a = rng.standard_normal(shape[::-1]).astype(dtype).transpose()
-    elif layout == "sliced":
-        a = rng.standard_normal(shape[:-1] + (2 * shape[-1],)).astype(dtype)[..., ::2]
-    else:
-        raise ValueError(layout)
-    assert a.shape == shape and not a.flags.c_contiguous
-    return a
 
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
