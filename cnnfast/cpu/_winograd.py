@@ -66,6 +66,17 @@ def transform_filters(w, u):
             u[15, k, c] = a32
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _place(src, dst, r0, c0):
+    """dst[r0:r0 + h, c0:c0 + w] = src (h, w): a plane copied into a zero-bordered buffer."""
+    h, w = src.shape
+    for i in range(h):
+        row = dst[r0 + i, c0:c0 + w]
+        s = src[i]
+        for j in range(w):
+            row[j] = s[j]
+
+
 @njit(nogil=True, cache=True)
 def _input_tiles(xp, TH, TW, v, c, t0):
     """v[:, c, t0 + ty * TW + tx] = B^T d B for the 4x4 blocks d of the padded plane xp."""
@@ -158,12 +169,7 @@ def forward(x, u, y, units, ph, pw, v_buf, m_buf, pad_buf, out_buf):
         xp[:, :] = 0
         for b in range(nb):
             for c in range(C):
-                src = x[n0 + b, c]
-                for i in range(H):
-                    row = xp[ph + i, pw:pw + W]
-                    s = src[i]
-                    for j in range(W):
-                        row[j] = s[j]
+                _place(x[n0 + b, c], xp, ph, pw)
                 _input_tiles(xp, TH, TW, v, c, b * per_sample)
         for xi in range(16):
             np.dot(u[xi], v[xi], m[xi])
@@ -249,20 +255,10 @@ def backward_weight(x, gy, units, spread, ph, pw, v_buf, q_buf, pad_buf, gpad_bu
             q = q_buf[p, :16 * K * T].reshape(16, K, T)
             for b in range(nb):
                 for c in range(C):
-                    src = x[n0 + b, c]
-                    for i in range(H):
-                        row = xp[ph + i, pw:pw + W]
-                        s = src[i]
-                        for j in range(W):
-                            row[j] = s[j]
+                    _place(x[n0 + b, c], xp, ph, pw)
                     _input_tiles(xp, TH, TW, v, c, b * per_sample)
                 for k in range(K):
-                    src = gy[n0 + b, k]
-                    for i in range(OH):
-                        row = gp[i, :OW]
-                        s = src[i]
-                        for j in range(OW):
-                            row[j] = s[j]
+                    _place(gy[n0 + b, k], gp, 0, 0)
                     _gy_tiles(gp, TH, TW, q, k, b * per_sample)
             for xi in range(16):
                 np.dot(q[xi], v[xi].T, prod)
