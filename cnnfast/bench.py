@@ -1281,12 +1281,13 @@ class Runner:
     def _check_batch(self, item: OpItem) -> int:
         return check_batch_for(item, self.o.quick, self.o.check_batch)
 
-    def run_item(self, item: OpItem) -> None:
-        rows, entries = [], []
-        active = []
+    def _rows_and_active(self, item, *fields) -> tuple[list[dict], list]:
+        """A result row per candidate for ``item`` (an OpItem or a ModelSpec; ``fields`` are
+        :meth:`_row`'s before ``cand``), and the (candidate, row) pairs that will run; the
+        others' rows say why not."""
+        rows, active = [], []
         for cand in self.cands:
-            row = self._row(item.id, item.op, item.phase, item.shape_id, item.set_name,
-                            item.label, item.batch, cand)
+            row = self._row(*fields, cand)
             rows.append(row)
             reason = self.unavailable.get(cand.name) or cand.unavailable_for(item)
             if reason is None and cand.name == "reference" and not self._reference_timed(item):
@@ -1295,6 +1296,12 @@ class Runner:
                 row["reason"] = reason
                 continue
             active.append((cand, row))
+        return rows, active
+
+    def run_item(self, item: OpItem) -> None:
+        entries = []
+        rows, active = self._rows_and_active(item, item.id, item.op, item.phase, item.shape_id,
+                                             item.set_name, item.label, item.batch)
         if not active:
             self.results.extend(rows)
             return
@@ -1357,18 +1364,8 @@ class Runner:
         item_id = f"step.train/{spec.name}"
         dims = "x".join(map(str, spec.input_shape))
         label = f"{spec.batch}x{dims}"
-        rows, active = [], []
-        for cand in self.cands:
-            row = self._row(item_id, "step", "train", spec.name, "model", label, spec.batch,
-                            cand)
-            rows.append(row)
-            reason = self.unavailable.get(cand.name) or cand.unavailable_for(spec)
-            if reason is None and cand.name == "reference" and not self._reference_timed(spec):
-                reason = "reference timed on small shapes only (--reference-all)"
-            if reason:
-                row["reason"] = reason
-                continue
-            active.append((cand, row))
+        rows, active = self._rows_and_active(spec, item_id, "step", "train", spec.name, "model",
+                                             label, spec.batch)
         trained = []
         if not active:
             self.results.extend(rows)
