@@ -17,7 +17,7 @@ from cnnfast import bench, dispatch
 
 @pytest.fixture(autouse=True)
 def _short_samples(monkeypatch):
-    monkeypatch.setattr(bench, "MIN_SAMPLE_S", 0.001)
+    monkeypatch.setattr(bench.timing, "MIN_SAMPLE_S", 0.001)
 
 
 def _options(**kw) -> bench.Options:

@@ -1,0 +1,153 @@
+"""Benchmark runner: every kernel path side by side with PyTorch, checked before it is timed.
+
+    python -m cnnfast.bench --quick                 # a few representative shapes, < 2 minutes
+    python -m cnnfast.bench --out results.json      # the full suite
+    python -m cnnfast.bench --compare old.json new.json --threshold 0.10
+
+What it measures
+================
+- ``conv``: forward, backward-data and backward-weight on the unique convolution shapes of
+  ResNet-18 with a 3x3 stride-1 stem (no max pool): 2D at 28 and 64 pixels (batch 32) and 3D at
+  28^3 (batch 8). Shape sets ``r18-28``, ``r18-64``, ``r18-3d``; ``tiny`` holds toy shapes for
+  the CUDA simulator and for tests.
+- ``pool`` (max 3x3/2 pad 1, average 2x2/2), ``relu`` and ``bn`` (training-mode batch norm),
+  forward and backward, on the first-stage activation of each shape set (``<set>.act``).
+- ``step``: one training step (forward, cross-entropy loss, backward, SGD momentum step) of
+  SmallCNN (batch 64, 1x28x28), ResNet-18 (batch 32, 1x28x28) and 3D ResNet-18 (batch 8,
+  1x28^3), with the peak memory of one step and the memory growth over ``--memory-steps``
+  SmallCNN steps.
+
+Candidates ("paths"): ``reference`` (NumPy oracle), ``cpu`` (Numba/BLAS), ``cuda`` (a GPU through
+CuPy, or Numba's simulator with ``--cuda-sim`` on the ``tiny`` shapes only), and PyTorch as the
+peer users would otherwise pick: ``torch`` (CPU, with ``torch.set_num_threads`` set to the
+threads this machine gives) and ``cudnn`` (PyTorch on the GPU).
+
+How it measures
+===============
+1. Correctness first: each candidate's result (every output of the op, or a step's loss and every
+   parameter gradient) is compared with the reference path on the same inputs. A candidate whose
+   result differs (a wrong shape, a NaN, or an error above the tolerance: ops max |got - ref| /
+   max |ref| <= 1e-3; steps ||got - ref|| / ||ref|| <= 1e-2 per gradient, since float32 ReLU
+   masks may flip on near-zero inputs) is reported as WRONG and not timed; one that raises is
+   reported as ERROR. Where the reference would take long (big 3D shapes, the ResNet steps) the
+   check runs on a smaller batch of the same shape; the table says so (``ok@2`` = checked at
+   batch 2).
+2. The check's call is the candidate's first call of the op: its wall time ("1st") includes any
+   JIT compilation and is reported apart from the timings.
+3. One more untimed warm-up call at the timed shape, then ``repeats`` timed calls per candidate,
+   round-robin (the candidate order rotates every repeat), so drift from other load on the
+   machine hits all candidates alike. GPU work is synchronised before the clock stops. Calls
+   shorter than 20 ms are repeated in an inner loop and averaged. Without ``--repeats``, items
+   slower than the per-item budget get fewer repeats (at least 3; 2 in quick mode).
+4. Reported: median, IQR and min of the repeats, GFLOP/s (convolutions and steps), and the ratio
+   to PyTorch on the same kind of device, ``t_torch / t_path`` (> 1: faster than PyTorch).
+
+The reference path is slow: it is timed only on the ``r18-28`` and ``tiny`` shapes and the
+SmallCNN step, with at most 3 repeats (2 in quick mode; ``--reference-all`` times it
+everywhere); it is always run as the oracle.
+
+Memory: the peak of one training step is the RSS high-water above the level before the step
+(sampled every millisecond after returning free heap pages to the OS), plus, for the NumPy paths,
+tracemalloc's peak of traced allocations; the growth is the RSS after ``--memory-steps`` SmallCNN
+steps minus before them, in MB.
+
+FLOPs: convolution (each of the three passes) ``2 * N * K * prod(O) * (C / groups) * prod(KS)``;
+a training step counts its convolutions and linear layers: 3x the forward (2x for a layer whose
+input needs no gradient).
+"""
+
+from __future__ import annotations
+
+from cnnfast.bench.candidates import (
+                                      PATHS,
+                                      Candidate,
+                                      KernelCandidate,
+                                      TorchCandidate,
+                                      family_kernels,
+                                      kernel_call,
+)
+from cnnfast.bench.checks import (
+                                      CHECK_FLOPS_FULL,
+                                      CHECK_FLOPS_QUICK,
+                                      REFERENCE_MAX_REPEATS,
+                                      REFERENCE_MODELS,
+                                      REFERENCE_SETS,
+                                      TOLERANCE,
+                                      CheckFailed,
+                                      check_batch_for,
+                                      checked_op,
+                                      checked_step,
+                                      compare_grads,
+                                      compare_outputs,
+                                      reference_timed,
+                                      relative_error,
+                                      relative_l2_error,
+)
+from cnnfast.bench.cli import QUICK_MODELS, QUICK_SHAPES, _parser, main, options_from_args
+from cnnfast.bench.machine import (
+                                      cpu_busy,
+                                      cpu_model,
+                                      gpu_name,
+                                      load_average,
+                                      machine_info,
+                                      machine_threads,
+                                      versions,
+)
+from cnnfast.bench.memory import (
+                                      MB,
+                                      RssSampler,
+                                      measure_growth,
+                                      measure_step_memory,
+                                      release_free_memory,
+                                      rss_bytes,
+)
+from cnnfast.bench.mirror import torch_mirror
+from cnnfast.bench.report import (
+                                      SCHEMA,
+                                      UsageError,
+                                      busy_note,
+                                      compare_reports,
+                                      format_table,
+                                      load_report,
+)
+from cnnfast.bench.runner import Options, Runner, make_candidates, run_benchmarks
+from cnnfast.bench.shapes import (
+                                      IN_CHANNELS,
+                                      NUM_CLASSES,
+                                      SET_GEOMETRY,
+                                      SETS,
+                                      ConvShape,
+                                      act_shape,
+                                      all_shape_ids,
+                                      conv_shapes,
+                                      resnet18_conv_shapes,
+)
+from cnnfast.bench.timing import Entry, inner_loops, round_robin
+from cnnfast.bench.trainers import CnnfastTrainer, TorchTrainer, Trainer
+from cnnfast.bench.workloads import (
+                                      MODEL_SPECS,
+                                      MODELS,
+                                      OPS,
+                                      ModelSpec,
+                                      OpItem,
+                                      _record_layers,
+                                      build_model,
+                                      op_items,
+)
+
+__all__ = [
+    "CHECK_FLOPS_FULL", "CHECK_FLOPS_QUICK", "IN_CHANNELS", "MB", "MODELS", "MODEL_SPECS",
+    "NUM_CLASSES", "OPS", "PATHS", "QUICK_MODELS", "QUICK_SHAPES", "REFERENCE_MAX_REPEATS",
+    "REFERENCE_MODELS", "REFERENCE_SETS", "SCHEMA", "SETS", "SET_GEOMETRY", "TOLERANCE",
+    "Candidate", "CheckFailed", "CnnfastTrainer", "ConvShape", "Entry", "KernelCandidate",
+    "ModelSpec", "OpItem", "Options", "RssSampler", "Runner", "TorchCandidate", "TorchTrainer",
+    "Trainer", "UsageError", "_parser", "_record_layers", "act_shape", "all_shape_ids",
+    "build_model", "busy_note", "check_batch_for", "checked_op", "checked_step",
+    "compare_grads", "compare_outputs", "compare_reports", "conv_shapes", "cpu_busy",
+    "cpu_model", "family_kernels", "format_table", "gpu_name", "inner_loops", "kernel_call",
+    "load_average", "load_report", "machine_info", "machine_threads", "main",
+    "make_candidates", "measure_growth", "measure_step_memory", "op_items", "options_from_args",
+    "reference_timed", "relative_error", "relative_l2_error", "release_free_memory",
+    "resnet18_conv_shapes", "round_robin", "rss_bytes", "run_benchmarks", "torch_mirror",
+    "versions",
+]
