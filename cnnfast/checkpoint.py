@@ -15,8 +15,9 @@ The header holds ``"tensors"``: a list of ``{"name", "dtype", "shape", "offset",
 config (``{"name": ..., "kwargs": {...}}``), task, label names, normalisation, metrics, and the
 library version and creation time, which :func:`save_checkpoint` adds.
 
-:func:`save_checkpoint` writes to a temporary file in the target directory, flushes it to disk and
-renames it over the target, so a crash never leaves a half-written checkpoint under the real name.
+:func:`save_checkpoint` writes through :func:`cnnfast._io.atomic_write` (a temporary file in
+the target directory, fsynced, renamed over the target, then the directory fsynced), so a crash
+never leaves a half-written checkpoint under the real name.
 :func:`load_checkpoint` checks, before returning anything, the magic, the version, that the file
 is exactly as long as its header says (else: truncated, or trailing data) and the SHA-256 (else:
 corrupted); any failure raises :class:`CheckpointError` with the reason.
@@ -28,7 +29,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from cnnfast._io import atomic_write
 
 MAGIC = b"CNNFCKPT"
 FORMAT_VERSION = 1
@@ -176,17 +178,8 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray
     header.update(meta or {})
     data = encode(state_dict, header)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.write(data)
     return path
 
 

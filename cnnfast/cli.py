@@ -91,9 +91,10 @@ def _check_writable(out: Path) -> None:
 
 
 def _write_json(path: Path, obj) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from cnnfast._io import atomic_write
+
+    with atomic_write(path, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     return path
 
 

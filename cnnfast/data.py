@@ -1,23 +1,8 @@
 """Medical image datasets: MedMNIST v2 ``.npz`` files, their download, and a batch ``DataLoader``.
 
-A dataset is three splits (train / val / test) of images, channels first, plus a task:
-
-=========================  ==========================  ======================================
-task                       labels ``(N, L)`` int64     model output and loss
-=========================  ==========================  ======================================
-``"binary-class"``         ``L == 1``, values 0 or 1   2 logits, softmax + cross-entropy
-``"multi-class"``          ``L == 1``, values 0..K-1   K logits, softmax + cross-entropy
-``"multi-label, binary-    ``L`` labels, each 0 or 1   L logits, sigmoid + BCE per label
-class"``
-=========================  ==========================  ======================================
-
-The task strings are MedMNIST's own (``medmnist.INFO[name]["task"]``); ``"ordinal-regression"``
-(RetinaMNIST) is trained and scored as multi-class, as the MedMNIST benchmark does.
-
-Images are ``(N, C, H, W)`` for 2D and ``(N, C, D, H, W)`` for 3D, kept in the file's dtype
-(``uint8`` for MedMNIST) until a batch is drawn; :class:`Normalization` turns a batch into float32
-the way MedMNIST's reference training does (``ToTensor`` then ``Normalize(0.5, 0.5)`` for 2D,
-``x / 255`` for 3D).
+The dataset types (task constants, :class:`Split`, :class:`MedicalDataset`,
+:class:`Normalization`, :class:`DataError`) live in :mod:`cnnfast.dataset` and are re-exported
+here; see that module for the tasks and the image layout.
 
 MedMNIST files hold ``train_images``, ``val_images``, ``test_images`` and the matching ``_labels``
 arrays: 2D grey ``N x H x W``, 2D RGB ``N x H x W x 3``, 3D ``N x D x H x W``, labels ``N x L``.
@@ -30,26 +15,28 @@ import contextlib
 import hashlib
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-BINARY = "binary-class"
-MULTICLASS = "multi-class"
-MULTILABEL = "multi-label, binary-class"
-ORDINAL = "ordinal-regression"
-TASKS = (BINARY, MULTICLASS, MULTILABEL, ORDINAL)
-SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """A data file or dataset name that cannot be used; the message says what and why."""
+from cnnfast._io import atomic_write
+from cnnfast.dataset import (  # noqa: F401 - re-exported: data.py was their home before
+    BINARY,
+    MULTICLASS,
+    MULTILABEL,
+    ORDINAL,
+    SPLITS,
+    TASKS,
+    DataError,
+    MedicalDataset,
+    Normalization,
+    Split,
+)
 
 
 class DownloadError(RuntimeError):
@@ -158,104 +145,6 @@ MEDMNIST: dict[str, MedMNISTInfo] = dict([
     _info("synapsemnist3d", BINARY, 1, 3, ("inhibitory synapse", "excitatory synapse"),
           ("1235b78a3cd6280881dd7850a78eadb6", "43bd14ebf3af9d3dd072446fedc14d5e")),
 ])
-
-
-# --- containers -----------------------------------------------------------------------------------
-
-@dataclass
-class Split:
-    """One split: ``images`` ``(N, C, H, W)`` or ``(N, C, D, H, W)``; ``labels`` ``(N, L)``
-    int64."""
-
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-@dataclass
-class MedicalDataset:
-    """Train / val / test splits with the task they are labelled for.
-
-    ``label_names`` has one entry per class (binary and multi-class) or per label (multi-label).
-    ``normalization`` says how to turn a batch of raw images into the model's float32 input.
-    """
-
-    train: Split
-    val: Split
-    test: Split
-    task: str
-    label_names: list[str]
-    name: str = "dataset"
-    normalization: "Normalization" = field(default=None)  # type: ignore[assignment]
-    synthetic: bool = False
-
-    def __post_init__(self) -> None:
-        if self.normalization is None:
-            self.normalization = Normalization.medmnist(self.spatial_dims, self.train.images.dtype)
-
-    def split(self, name: str) -> Split:
-        if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-        return getattr(self, name)
-
-    @property
-    def spatial_dims(self) -> int:
-        return self.train.images.ndim - 2
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.train.images.shape[1])
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        """The spatial shape ``(H, W)`` or ``(D, H, W)``."""
-        return tuple(int(s) for s in self.train.images.shape[2:])
-
-    @property
-    def num_outputs(self) -> int:
-        """How many logits a model needs: classes (binary: 2) or labels (multi-label)."""
-        return len(self.label_names)
-
-    def summary(self) -> str:
-        sizes = ", ".join(f"{s} {len(self.split(s))}" for s in SPLITS)
-        shape = "x".join(str(s) for s in self.image_shape)
-        kind = " (synthetic)" if self.synthetic else ""
-        return (f"{self.name}{kind}: {self.task}, {self.num_outputs} "
-                f"{'labels' if self.task == MULTILABEL else 'classes'}, "
-                f"{self.in_channels} x {shape} images; {sizes}")
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """``x -> (x * scale - mean) / std``, per batch, in float32 (``mean``/``std`` scalars)."""
-
-    scale: float = 1.0 / 255.0
-    mean: float = 0.5
-    std: float = 0.5
-
-    @classmethod
-    def medmnist(cls, spatial_dims: int, dtype=np.uint8) -> "Normalization":
-        """MedMNIST's reference recipe: 2D ``(x/255 - 0.5) / 0.5``; 3D ``x/255``.
-
-        Float images are taken to be in ``[0, 1]`` already (no division by 255).
-        """
-        scale = 1.0 / 255.0 if np.dtype(dtype) == np.uint8 else 1.0
-        if spatial_dims == 3:
-            return cls(scale, 0.0, 1.0)
-        return cls(scale, 0.5, 0.5)
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = images.astype(np.float32) * np.float32(self.scale)
-        return (x - np.float32(self.mean)) / np.float32(self.std)
-
-    def to_dict(self) -> dict:
-        return {"scale": self.scale, "mean": self.mean, "std": self.std}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Normalization":
-        return cls(float(d["scale"]), float(d["mean"]), float(d["std"]))
 
 
 # --- loading and validation ---------------------------------------------------------------------
@@ -437,10 +326,8 @@ def save_npz(path: str | os.PathLike, dataset: MedicalDataset) -> Path:
     arrays["label_names"] = np.array(dataset.label_names)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
-                                     delete=False) as tmp:
-        np.savez_compressed(tmp, **arrays)
-    os.replace(tmp.name, path)
+    with atomic_write(path) as f:
+        np.savez_compressed(f, **arrays)
     return path
 
 
@@ -497,18 +384,16 @@ def download(name: str, size: int | None = None, root: str | os.PathLike | None 
     expected = md5 or info.md5[size]
     created = [p for p in (root, *root.parents) if not p.exists()]
     root.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(dir=root, prefix=f".{target.name}.", suffix=".part",
-                                      delete=False)
     ok = False
     try:
-        with tmp:
+        with atomic_write(target, suffix=".part") as tmp:
             _fetch(url, tmp, progress=progress, timeout=timeout, desc=target.name)
-        got = md5sum(tmp.name)
-        if got != expected:
-            raise DownloadError(f"downloaded {target.name} from {url} has MD5 {got}, expected "
-                                f"{expected}: the file is damaged or not the MedMNIST release; "
-                                "nothing was kept")
-        os.replace(tmp.name, target)
+            tmp.flush()
+            got = md5sum(tmp.name)
+            if got != expected:  # raising inside the block keeps nothing under either name
+                raise DownloadError(f"downloaded {target.name} from {url} has MD5 {got}, "
+                                    f"expected {expected}: the file is damaged or not the "
+                                    "MedMNIST release; nothing was kept")
         ok = True
     except urllib.error.HTTPError as exc:
         raise DownloadError(f"could not download {target.name} from {url}: the server answered "
@@ -521,8 +406,6 @@ def download(name: str, size: int | None = None, root: str | os.PathLike | None 
             f"fetch the file elsewhere (MD5 {expected}) and put it at {target}, or pass its "
             "path: --data /path/to/file.npz") from None
     finally:
-        if os.path.exists(tmp.name):
-            os.remove(tmp.name)
         if not ok:  # leave no empty directories behind either
             for directory in created:
                 with contextlib.suppress(OSError):

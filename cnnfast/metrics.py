@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cnnfast.data import BINARY, MULTICLASS, MULTILABEL, ORDINAL, TASKS
+from cnnfast.dataset import BINARY, MULTICLASS, MULTILABEL, ORDINAL, TASKS
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

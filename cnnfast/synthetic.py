@@ -26,7 +26,7 @@ say nothing about clinical performance.
 
 Each split is generated from its own child of ``numpy.random.SeedSequence(seed)``, so the test
 split does not change when the training split's size does, and the same seed gives the same
-bytes. Images are ``uint8`` like MedMNIST's, so :class:`cnnfast.data.Normalization` applies.
+bytes. Images are ``uint8`` like MedMNIST's, so :class:`cnnfast.dataset.Normalization` applies.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import functools
 
 import numpy as np
 
-from cnnfast.data import BINARY, MULTILABEL, SPLITS, MedicalDataset, Split
+from cnnfast.dataset import BINARY, MULTILABEL, SPLITS, DataError, MedicalDataset, Split
 
 NODULE_LABELS = ("no nodule", "nodule")
 FINDINGS = ("opacity", "nodule", "mass", "atelectasis", "cardiomegaly", "pneumothorax")
@@ -300,7 +300,7 @@ def _split_seeds(seed: int) -> list[int]:
 
 def nodule_dataset(n_train: int = 6000, n_val: int = 1000, n_test: int = 1000, seed: int = 0,
                    spatial_dims: int = 2, size: int | None = None) -> MedicalDataset:
-    """The synthetic nodule task as a :class:`~cnnfast.data.MedicalDataset` (binary).
+    """The synthetic nodule task as a :class:`~cnnfast.dataset.MedicalDataset` (binary).
 
     Default size: 28 pixels in 2D, 16 voxels in 3D.
     """
@@ -313,7 +313,7 @@ def nodule_dataset(n_train: int = 6000, n_val: int = 1000, n_test: int = 1000, s
 
 def chestxray_dataset(n_train: int = 3000, n_val: int = 500, n_test: int = 1000, seed: int = 0,
                       size: int = 28) -> MedicalDataset:
-    """The synthetic multi-label chest X-ray task as a :class:`~cnnfast.data.MedicalDataset`."""
+    """The synthetic multi-label chest X-ray task as a :class:`~cnnfast.dataset.MedicalDataset`."""
     splits = [Split(*chest_xray(n, s, size))
               for n, s in zip((n_train, n_val, n_test), _split_seeds(seed))]
     return MedicalDataset(*splits, task=MULTILABEL, label_names=list(FINDINGS),
@@ -323,8 +323,6 @@ def chestxray_dataset(n_train: int = 3000, n_val: int = 500, n_test: int = 1000,
 def load(name: str, seed: int = 0, size: int | None = None, **sizes: int) -> MedicalDataset:
     """A synthetic dataset by name (see :data:`DEFAULT_SIZES`); ``n_train``/``n_val``/``n_test``
     override the default split sizes."""
-    from cnnfast.data import DataError
-
     if name not in DEFAULT_SIZES:
         raise DataError(f"unknown synthetic dataset {name!r}; choose from "
                         f"{', '.join(DEFAULT_SIZES)}")

@@ -264,7 +264,7 @@ def plot_all(model, dataset, scores: np.ndarray, history: Sequence[dict] | None,
     ``out_dir``; returns ``{kind: path}``.
     """
     import cnnfast
-    from cnnfast.data import MULTILABEL
+    from cnnfast.dataset import MULTILABEL
     from cnnfast.metrics import roc_curves
 
     out_dir = Path(out_dir)
