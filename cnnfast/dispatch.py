@@ -1,4 +1,4 @@
-"""The one place that picks a kernel path for a device, and the array module (``xp``) for an array.
+"""The one place that picks a kernel path for a device.
 
 Kernel contract
 ===============
@@ -48,6 +48,8 @@ device ``"cpu"``: the ``fast`` path (``cnnfast.cpu``, the default) or the ``refe
 chosen with :func:`set_cpu_path` or the :func:`cpu_path` context manager.
 device ``"cuda"``: ``cnnfast.cuda`` (Numba CUDA kernels on CuPy arrays, or in Numba's CUDA
 simulator on NumPy arrays when ``NUMBA_ENABLE_CUDASIM=1``).
+
+Which array module an array or device uses, and device moves, are :mod:`cnnfast.backend`'s job.
 """
 
 from __future__ import annotations
@@ -57,7 +59,18 @@ import importlib
 import os
 from types import SimpleNamespace
 
-import numpy as np
+# The array-backend helpers live in the leaf cnnfast.backend; dispatch re-exports them so that
+# ``dispatch.to_device`` and friends keep working where callers already use them.
+from cnnfast.backend import (  # noqa: F401 - re-exports
+    array_xp,
+    cuda_available,
+    cuda_simulated,
+    device_xp,
+    gpu_present,
+    is_cupy_array,
+    require_cuda,
+    to_device,
+)
 
 KERNEL_OPS = {
     "conv": ("conv_forward", "conv_backward_data", "conv_backward_weight", "bias_add", "bias_grad"),
@@ -139,76 +152,3 @@ def kernels_of(path: str) -> SimpleNamespace:
     if path not in ("reference", "cpu", "cuda"):
         raise ValueError(f"path must be 'reference', 'cpu' or 'cuda', got {path!r}")
     return _load(path)
-
-
-# --- devices and array modules ------------------------------------------------------------------
-
-def cuda_simulated() -> bool:
-    """True when Numba's CUDA simulator stands in for a GPU (NUMBA_ENABLE_CUDASIM=1)."""
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
-
-
-_gpu_present: bool | None = None
-
-
-def gpu_present() -> bool:
-    """True when CuPy is installed and sees a CUDA device (checked once, lazily)."""
-    global _gpu_present
-    if _gpu_present is None:
-        try:
-            import cupy
-
-            _gpu_present = bool(cupy.is_available())
-        except Exception:  # noqa: BLE001 - ImportError, or a CuPy without a usable driver
-            _gpu_present = False
-    return _gpu_present
-
-
-def cuda_available() -> bool:
-    """True when the ``cuda`` device can run: on a GPU through CuPy, or in the simulator."""
-    return cuda_simulated() or gpu_present()
-
-
-def require_cuda() -> None:
-    if not cuda_available():
-        raise RuntimeError(
-            "device 'cuda' is not available: no GPU was found through CuPy. Install the CUDA "
-            "extra on a machine with an NVIDIA GPU (pip install 'cnnfast[cuda]'), or set "
-            "NUMBA_ENABLE_CUDASIM=1 before importing cnnfast to run the CUDA kernels in Numba's "
-            "simulator (slow; for testing only)."
-        )
-
-
-def device_xp(device: str):
-    """The array module of a device's arrays: NumPy on cpu and in the simulator, else CuPy."""
-    if device == "cuda" and not cuda_simulated():
-        require_cuda()
-        import cupy
-
-        return cupy
-    return np
-
-
-def is_cupy_array(a) -> bool:
-    return type(a).__module__.startswith("cupy")
-
-
-def array_xp(a):
-    """The array module of an array (``get_array_module``), without importing CuPy needlessly."""
-    if is_cupy_array(a):
-        import cupy
-
-        return cupy
-    return np
-
-
-def to_device(a, device: str):
-    """Copy an array to ``device``'s array module (a no-op when it is already there)."""
-    if device == "cuda" and not cuda_simulated():
-        require_cuda()
-        import cupy
-
-        return cupy.asarray(a)
-    if is_cupy_array(a):
-        return a.get()
-    return np.asarray(a)

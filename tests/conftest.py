@@ -10,19 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
+from cnnfast import backend  # cnnfast imports neither Numba nor CuPy at import
 
-def _gpu_present() -> bool:
-    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
-        return False
-    try:
-        import cupy
-
-        return bool(cupy.is_available())
-    except Exception:  # noqa: BLE001 - any CuPy failure means no usable GPU
-        return False
-
-
-GPU = _gpu_present()
+# A GPU counts only when the simulator was not asked for: NUMBA_ENABLE_CUDASIM=1 must be decided
+# before Numba is first imported, so it is set here, at collection time.
+GPU = not backend.cuda_simulated() and backend.gpu_present()
 if not GPU:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 

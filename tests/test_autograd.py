@@ -122,10 +122,10 @@ def test_cuda_tensor_round_trip_and_device_mixing():
 
 
 def test_cuda_unavailable_gives_a_clear_error(monkeypatch):
-    from cnnfast import dispatch
+    from cnnfast import backend
 
-    monkeypatch.setattr(dispatch, "cuda_simulated", lambda: False)
-    monkeypatch.setattr(dispatch, "_gpu_present", False)
+    monkeypatch.setattr(backend, "cuda_simulated", lambda: False)
+    monkeypatch.setattr(backend, "_gpu_present", False)
     with pytest.raises(RuntimeError, match="NUMBA_ENABLE_CUDASIM=1"):
         cnnfast.tensor([1.0], device="cuda")
 

@@ -267,9 +267,9 @@ def test_damaged_checkpoint(tmp_path, capsys, npz_3d):
 
 
 def test_cuda_without_gpu(tmp_path, capsys, npz_2d, monkeypatch):
-    from cnnfast import dispatch
+    from cnnfast import backend
 
-    monkeypatch.setattr(dispatch, "cuda_available", lambda: False)
+    monkeypatch.setattr(backend, "cuda_available", lambda: False)
     out = tmp_path / "out"
     for argv in (["train", "--data", str(npz_2d), "--out", str(out)],
                  ["demo", "--quick", "--out", str(out)]):

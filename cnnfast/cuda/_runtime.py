@@ -25,7 +25,7 @@ import functools
 import numpy as np
 from numba import cuda
 
-from cnnfast.dispatch import is_cupy_array
+from cnnfast.backend import array_xp, is_cupy_array
 
 
 def cdiv(a: int, b: int) -> int:
@@ -113,13 +113,7 @@ def launch_config(tiles: GemmTiles | None = None, threads: int | None = None):
 
 # --- arrays ---------------------------------------------------------------------------------
 
-def xp_of(a):
-    """NumPy, or CuPy for a CuPy array."""
-    if is_cupy_array(a):
-        import cupy
-
-        return cupy
-    return np
+xp_of = array_xp  # NumPy, or CuPy for a CuPy array (one definition, in cnnfast.backend)
 
 
 def flat(a):

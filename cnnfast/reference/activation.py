@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cnnfast.dispatch import array_xp
+from cnnfast.backend import array_xp
 
 
 def relu_forward(x):

@@ -6,7 +6,7 @@ Runs on NumPy and CuPy arrays alike.
 
 from __future__ import annotations
 
-from cnnfast.dispatch import array_xp
+from cnnfast.backend import array_xp
 
 
 def _reduce_axes(x) -> tuple[int, ...]:
