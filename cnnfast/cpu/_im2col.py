@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from cnnfast.shapes import lift3
+
 Geometry = tuple[int, int, int]
 
 
@@ -31,10 +33,7 @@ def as3d(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def geometry3(t: tuple[int, ...], fill: int) -> Geometry:
-    """Pad a 2-tuple of spatial parameters to 3 (depth first) with ``fill``."""
-    t = tuple(int(v) for v in t)
-    return (fill,) * (3 - len(t)) + t
+geometry3 = lift3  # pad a 2-tuple of spatial parameters to 3 (depth first) with ``fill``
 
 
 @njit(nogil=True, cache=True, inline="always")

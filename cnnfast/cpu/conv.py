@@ -51,6 +51,7 @@ from cnnfast.cpu._parallel import (
     single_threaded_blas,
 )
 from cnnfast.cpu._reduce import sum_f64
+from cnnfast.shapes import output_size
 
 Ints = tuple[int, ...]
 
@@ -92,10 +93,7 @@ class _Geometry:
         self.st = geometry3(stride, 1)
         self.pd = geometry3(padding, 0)
         self.dl = geometry3(dilation, 1)
-        self.out = tuple(
-            (s + 2 * p - d * (k - 1) - 1) // t + 1
-            for s, k, t, p, d in zip(self.size, self.ks, self.st, self.pd, self.dl)
-        )
+        self.out = output_size(self.size, self.ks, self.st, self.pd, self.dl)
         self.taps = self.Cg * self.ks[0] * self.ks[1] * self.ks[2]
         self.positions = self.out[0] * self.out[1] * self.out[2]
 

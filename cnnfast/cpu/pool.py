@@ -14,12 +14,9 @@ from numba import njit, prange
 
 from cnnfast.cpu._im2col import as3d, geometry3
 from cnnfast.cpu._parallel import parallel_kernel
+from cnnfast.shapes import output_size
 
 Ints = tuple[int, ...]
-
-def _output_size(size, kernel, stride, padding) -> Ints:
-    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, kernel, stride, padding))
-
 
 def _planes(shape: Ints) -> int:
     return int(shape[0]) * int(shape[1])
@@ -34,7 +31,7 @@ def max_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints):
     nd = x.ndim - 2
     x5 = as3d(x)
     ks, st, pd = geometry3(kernel, 1), geometry3(stride, 1), geometry3(padding, 0)
-    out = _output_size(x5.shape[2:], ks, st, pd)
+    out = output_size(x5.shape[2:], ks, st, pd)
     y = np.empty(x5.shape[:2] + out, dtype=x5.dtype)
     idx = np.empty(x5.shape[:2] + out, dtype=np.int64)
     if y.size:
@@ -59,7 +56,7 @@ def avg_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints):
     nd = x.ndim - 2
     x5 = as3d(x)
     ks, st, pd = geometry3(kernel, 1), geometry3(stride, 1), geometry3(padding, 0)
-    out = _output_size(x5.shape[2:], ks, st, pd)
+    out = output_size(x5.shape[2:], ks, st, pd)
     y = np.empty(x5.shape[:2] + out, dtype=x5.dtype)
     if y.size:
         _avg_forward(x5, ks, st, pd, y)

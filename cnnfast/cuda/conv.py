@@ -38,6 +38,7 @@ from numba import cuda
 
 from cnnfast.cuda import _runtime as rt
 from cnnfast.cuda.norm import channel_map, channel_sums
+from cnnfast.shapes import output_size
 
 Ints = tuple[int, ...]
 
@@ -64,8 +65,7 @@ def _geometry(x_shape: Ints, w_shape: Ints, stride: Ints, padding: Ints, dilatio
     stride = [1] * lift + [int(s) for s in stride]
     padding = [0] * lift + [int(p) for p in padding]
     dilation = [1] * lift + [int(d) for d in dilation]
-    out = [(s + 2 * p - d * (ks - 1) - 1) // st + 1
-           for s, ks, st, p, d in zip(size, kernel, stride, padding, dilation)]
+    out = output_size(size, kernel, stride, padding, dilation)
     return (n, c, *size, k, *kernel, *stride, *padding, *dilation, *out, int(groups))
 
 

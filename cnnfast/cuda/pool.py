@@ -23,6 +23,7 @@ import numpy as np
 from numba import cuda, int32
 
 from cnnfast.cuda import _runtime as rt
+from cnnfast.shapes import output_size
 
 Ints = tuple[int, ...]
 
@@ -36,7 +37,7 @@ def _geometry(x_shape: Ints, kernel: Ints, stride: Ints, padding: Ints) -> tuple
     kernel = [1] * lift + [int(k) for k in kernel]
     stride = [1] * lift + [int(s) for s in stride]
     padding = [0] * lift + [int(p) for p in padding]
-    out = [(s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, kernel, stride, padding)]
+    out = output_size(size, kernel, stride, padding)
     planes = int(x_shape[0]) * int(x_shape[1])
     return (planes, *size, *kernel, *stride, *padding, *out)
 

@@ -15,17 +15,10 @@ from __future__ import annotations
 
 import itertools
 
-from cnnfast.dispatch import array_xp
+from cnnfast.backend import array_xp
+from cnnfast.shapes import output_size  # O = (S + 2P - dilation * (KS - 1) - 1) // stride + 1
 
 Ints = tuple[int, ...]
-
-
-def output_size(size: Ints, kernel: Ints, stride: Ints, padding: Ints, dilation: Ints) -> Ints:
-    """O = (S + 2P - dilation * (KS - 1) - 1) // stride + 1 along each spatial axis."""
-    return tuple(
-        (s + 2 * p - d * (k - 1) - 1) // st + 1
-        for s, k, st, p, d in zip(size, kernel, stride, padding, dilation)
-    )
 
 
 def _padded_size(x_shape: Ints, padding: Ints) -> Ints:

@@ -14,14 +14,12 @@ import math
 
 import numpy as np
 
-from cnnfast.dispatch import array_xp
+from cnnfast.backend import array_xp
+from cnnfast.shapes import output_size
 
 Ints = tuple[int, ...]
 
 
-def _output_size(size: Ints, kernel: Ints, stride: Ints, padding: Ints) -> Ints:
-    """O = (S + 2P - KS) // stride + 1 along each spatial axis (floor mode)."""
-    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(size, kernel, stride, padding))
 
 
 def _window(offset: Ints, out: Ints, stride: Ints) -> tuple:
@@ -56,7 +54,7 @@ def max_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints):
     """
     xp = array_xp(x)
     size = tuple(x.shape[2:])
-    out = _output_size(size, kernel, stride, padding)
+    out = output_size(size, kernel, stride, padding)
     x_padded = _padded_zeros(xp, x.shape, padding, x.dtype)
     x_padded[_interior(size, padding)] = x
     y = xp.zeros(x.shape[:2] + out, dtype=x.dtype)
@@ -103,7 +101,7 @@ def avg_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints):
     """
     xp = array_xp(x)
     size = tuple(x.shape[2:])
-    out = _output_size(size, kernel, stride, padding)
+    out = output_size(size, kernel, stride, padding)
     x_padded = _padded_zeros(xp, x.shape, padding, x.dtype)
     x_padded[_interior(size, padding)] = x
     total = xp.zeros(x.shape[:2] + out, dtype=x.dtype)

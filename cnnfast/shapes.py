@@ -1,0 +1,48 @@
+"""Output sizes of sliding-window ops (convolution, pooling) and the 2D -> 3D lift: a leaf.
+
+One formula, PyTorch's, for every path (``reference/``, ``cpu/``, ``cuda/`` conv and pool):
+
+    O = floor((S + 2P - D * (KS - 1) - 1) / stride) + 1        (ceil_mode=False)
+    O = ceil((S + 2P - D * (KS - 1) - 1) / stride) + 1         (ceil_mode=True), then
+        O -= 1 when the last window would start at or past S + P (PyTorch's rule: the last
+        window must start inside the input or its left padding)
+
+with ``D`` the dilation (1 for pooling). The fast paths work in 3D form, a 2D op being a 3D op
+of depth 1: :func:`lift3` pads a 2-tuple of spatial parameters to 3, depth first.
+"""
+
+from __future__ import annotations
+
+Ints = tuple[int, ...]
+
+
+def lift3(values, fill: int) -> tuple[int, int, int]:
+    """A 2- or 3-tuple of spatial parameters as a 3-tuple (depth first), missing axes ``fill``
+    (1 for sizes, kernels, strides, dilations; 0 for padding)."""
+    values = tuple(int(v) for v in values)
+    if not 1 <= len(values) <= 3:
+        raise ValueError(f"expected 1 to 3 spatial values, got {values}")
+    return (int(fill),) * (3 - len(values)) + values
+
+
+def output_length(size: int, kernel: int, stride: int, padding: int, dilation: int = 1,
+                  ceil_mode: bool = False) -> int:
+    """The output length along one axis (see the module docstring); may be 0 or negative when
+    the window does not fit, which callers validate."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + padding:  # the last window starts in the right padding
+        out -= 1
+    return out
+
+
+def output_size(size: Ints, kernel: Ints, stride: Ints, padding: Ints,
+                dilation: Ints | None = None, ceil_mode: bool = False) -> Ints:
+    """Output spatial shape ``O`` of a conv or pool over spatial shape ``size`` (any rank; pass
+    :func:`lift3`-ed tuples to get the 3D form). ``dilation`` None means 1 on every axis."""
+    if dilation is None:
+        dilation = (1,) * len(size)
+    return tuple(output_length(int(s), int(k), int(st), int(p), int(d), ceil_mode)
+                 for s, k, st, p, d in zip(size, kernel, stride, padding, dilation))
