@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 import cnnfast
-from cnnfast.bench.candidates import KernelCandidate, TorchCandidate
 from cnnfast.bench.mirror import _set_dropout, torch_mirror
 from cnnfast.bench.workloads import ModelSpec, _record_layers, build_model
+
+if TYPE_CHECKING:  # annotations only: candidates imports this module when it makes a trainer
+    from cnnfast.bench.candidates import KernelCandidate, TorchCandidate
 
 
 class Trainer:
