@@ -12,6 +12,7 @@ Set ``CNNFAST_DEBUG=1`` to get the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -119,6 +120,17 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="seed of a synthetic dataset (default 0)")
 
 
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="train data-parallel on N local processes (starts mpiexec -n N; needs "
+                        "cnnfast[mpi]). Under 'mpiexec -n N cnnfast train' leave it out. "
+                        "--batch-size stays the global batch")
+    p.add_argument("--no-sync-bn", action="store_true",
+                   help="data-parallel: normalise each rank's shard by its own batch "
+                        "statistics (default: SyncBatchNorm over the global batch, so the "
+                        "result does not depend on the number of ranks)")
+
+
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where to run (default cpu); cuda needs a GPU with CuPy")
@@ -158,8 +170,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _train_and_report(args, dataset, model, config, out, start, demo=True)
 
 
-def _train_and_report(args, dataset, model, config, out: Path, start: float, demo: bool) -> int:
-    """Fit, score the test split, write checkpoint/metrics/plots to ``out``, print a summary."""
+def _train_and_report(args, dataset, model, config, out: Path, start: float, demo: bool,
+                      parallel=None) -> int:
+    """Fit, score the test split, write checkpoint/metrics/plots to ``out``, print a summary.
+
+    ``parallel``: a data-parallel run (every rank trains and scores its shard; rank 0 alone
+    writes and prints)."""
     from cnnfast import viz
     from cnnfast.checkpoint import save_checkpoint
     from cnnfast.train import checkpoint_meta, evaluate, fit
@@ -167,9 +183,12 @@ def _train_and_report(args, dataset, model, config, out: Path, start: float, dem
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / f"{model.config['name']}.ckpt"
     result = fit(model, dataset, config, checkpoint_path=ckpt_path,
-                 progress=not args.no_progress, log=_log(args))
+                 progress=not args.no_progress, log=_log(args), parallel=parallel)
     test, scores = evaluate(model, dataset.test, dataset.task, dataset.label_names,
-                            dataset.normalization, config.eval_batch_size, config.device)
+                            dataset.normalization, config.eval_batch_size, config.device,
+                            parallel=parallel)
+    if parallel is not None and not parallel.is_main:
+        return 0
     metrics = {"val": {"auc": result.best_val_auc, "epoch": result.best_epoch},
                "test": test.to_dict()}
     save_checkpoint(ckpt_path, result.best_state, checkpoint_meta(
@@ -224,11 +243,33 @@ def _linear_baseline(dataset) -> float | None:
 # --- train --------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.workers is not None:
+        return _launch_workers(args)
+    _check_device(args.device)
+    parallel = _data_parallel(args)
+    if parallel is None:
+        return _train(args, None)
+    with contextlib.ExitStack() as stack:
+        if not parallel.is_main:  # rank 0 alone prints
+            stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
+        try:
+            return _train(args, parallel)
+        except BaseException as exc:  # noqa: BLE001 - any failure must end every rank
+            if os.environ.get("CNNFAST_DEBUG", "") not in ("", "0"):
+                import traceback
+
+                traceback.print_exc()
+            print(f"cnnfast train: error on rank {parallel.rank} of {parallel.size}: "
+                  f"{type(exc).__name__}: {exc}; ending all ranks", file=sys.stderr)
+            parallel.abort(1 if isinstance(exc, FloatingPointError) else EXIT_USAGE)
+            raise
+
+
+def _train(args: argparse.Namespace, parallel) -> int:
     from cnnfast.models import SmallCNN, resnet18
     from cnnfast.train import TrainConfig
 
     start = time.perf_counter()
-    _check_device(args.device)
     out = Path(args.out) if args.out else Path("runs") / f"{Path(str(args.data)).stem}-{args.model}"
     _check_writable(out)
     dataset = _load_data(args)
@@ -257,7 +298,49 @@ def cmd_train(args: argparse.Namespace) -> int:
           + (f" {config.resolved_milestones()}" if config.schedule == "multistep" else "")
           + f", weight decay {config.weight_decay:g}, batch {config.batch_size}, "
             f"{config.epochs} epochs, seed {config.seed}, device {config.device}")
-    return _train_and_report(args, dataset, model, config, out, start, demo=False)
+    if parallel is not None:
+        print(f"data parallel: {parallel.size} ranks ({parallel.backend}), batch "
+              f"{config.batch_size} split over them, "
+              + ("SyncBatchNorm" if parallel.sync_batchnorm else "per-rank batch norm"))
+    return _train_and_report(args, dataset, model, config, out, start, demo=False,
+                             parallel=parallel)
+
+
+# --- data-parallel training (cnnfast.distributed) ----------------------------------------------
+
+def _data_parallel(args: argparse.Namespace):
+    """The run's :class:`~cnnfast.distributed.DataParallel` under mpiexec/srun, else None."""
+    from cnnfast import distributed
+
+    try:
+        return distributed.from_environment(args.device, sync_batchnorm=not args.no_sync_bn)
+    except (distributed.DistributedError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _launch_workers(args: argparse.Namespace) -> int:
+    """``cnnfast train --workers N``: run this command again under the mpich wheel's
+    ``mpiexec -n N``."""
+    from cnnfast import distributed
+
+    if distributed.launcher_world_size() > 1:
+        raise CLIError("--workers starts mpiexec itself; under mpiexec or srun leave it out")
+    argv, skip = [], False
+    for i, item in enumerate(args.argv):
+        if skip:
+            skip = False
+        elif item == "--workers":
+            skip = True
+        elif not item.startswith("--workers="):
+            argv.append(item)
+    try:
+        code = distributed.launch(argv, args.workers)
+    except distributed.DistributedError as exc:
+        raise CLIError(str(exc)) from None
+    if code != 0:
+        print(f"cnnfast train: error: the {args.workers}-rank job failed (mpiexec exit status "
+              f"{code}); the lines above say which rank and why", file=sys.stderr)
+    return code
 
 
 # --- evaluate and plot --------------------------------------------------------------------------
@@ -403,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory (default runs/<data>-<model>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device_arg(p)
+    _add_parallel_args(p)
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (("evaluate", cmd_evaluate, "AUROC and accuracy of a checkpoint"),
@@ -461,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "bench":  # everything after "bench", --help included, belongs to bench
             return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
+        args.argv = argv  # for cnnfast train --workers, which runs the command again
         return args.func(args)
     except KeyboardInterrupt:
         print("cnnfast: interrupted", file=sys.stderr)

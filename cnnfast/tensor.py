@@ -188,6 +188,9 @@ class Tensor:
                         node.grad = Tensor(g.copy() if g is grad_data else g, device=node.device)
                     else:
                         node.grad.data = node.grad.data + g
+                    # A leaf is visited once, after every op that uses it: its gradient is final.
+                    for hook in getattr(node, "_grad_hooks", ()):
+                        hook(node)
                 continue
             input_grads = ctx.backward(g)
             if not isinstance(input_grads, tuple):
@@ -200,6 +203,16 @@ class Tensor:
 
     def zero_grad(self) -> None:
         self.grad = None
+
+    def register_post_accumulate_grad_hook(self, hook) -> None:
+        """Call ``hook(self)`` during ``backward`` as soon as this leaf's ``.grad`` is final (all
+        its uses processed); used by :mod:`cnnfast.distributed` to start a gradient allreduce
+        while backward still runs (PyTorch's hook of the same name)."""
+        if not self.is_leaf:
+            raise RuntimeError("register_post_accumulate_grad_hook: only a leaf tensor's "
+                               "gradient is accumulated")
+        hooks = self.__dict__.setdefault("_grad_hooks", [])
+        hooks.append(hook)
 
     # --- arithmetic -------------------------------------------------------------------------------
     def _operand(self, other) -> Tensor:

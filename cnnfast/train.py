@@ -145,11 +145,17 @@ def numpy_loss(logits: np.ndarray, labels: np.ndarray, task: str) -> float:
 
 
 def predict_logits(model: nn.Module, images: np.ndarray, normalization: Callable | None = None,
-                   batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+                   batch_size: int = 256, device: str = "cpu", parallel=None) -> np.ndarray:
     """Model logits ``(N, K)`` for raw ``images`` ``(N, C, *S)``, in eval mode, without autograd.
 
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards. With ``parallel`` (a
+    :class:`cnnfast.distributed.DataParallel`) each rank scores its share of the images and
+    every rank gets all ``N`` rows.
     """
+    if parallel is not None:
+        local = predict_logits(model, images[parallel.shard(len(images))], normalization,
+                               batch_size, device)
+        return parallel.gather_rows(local.astype(np.float32, copy=False), len(images))
     was_training = model.training
     model.eval()
     out = []
@@ -167,11 +173,12 @@ def predict_logits(model: nn.Module, images: np.ndarray, normalization: Callable
 
 
 def evaluate(model: nn.Module, split: Split, task: str, label_names: Sequence[str] | None = None,
-             normalization: Callable | None = None, batch_size: int = 256, device: str = "cpu"
-             ) -> tuple[Metrics, np.ndarray]:
+             normalization: Callable | None = None, batch_size: int = 256, device: str = "cpu",
+             parallel=None) -> tuple[Metrics, np.ndarray]:
     """MedMNIST metrics of ``model`` on ``split``; returns ``(metrics, scores)`` where scores are
-    ``(N, K)`` probabilities (softmax, or sigmoid for multi-label)."""
-    logits = predict_logits(model, split.images, normalization, batch_size, device)
+    ``(N, K)`` probabilities (softmax, or sigmoid for multi-label). ``parallel``: scored in
+    shards over the ranks (see :func:`predict_logits`)."""
+    logits = predict_logits(model, split.images, normalization, batch_size, device, parallel)
     scores = scores_from_logits(logits, task)
     return evaluate_scores(split.labels, scores, task, label_names), scores
 
@@ -216,13 +223,18 @@ def checkpoint_meta(model: nn.Module, dataset: MedicalDataset, config: TrainConf
 
 def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = None,
         checkpoint_path: str | Path | None = None, progress: bool = True,
-        log: Callable[[str], None] | None = None) -> FitResult:
+        log: Callable[[str], None] | None = None, parallel=None) -> FitResult:
     """Train ``model`` on ``dataset.train``, scoring ``dataset.val`` after every epoch.
 
     The weights with the best validation AUROC are kept: written to ``checkpoint_path`` (when
     given) each time they improve, and loaded back into ``model`` at the end. A tqdm bar shows
     the epoch, the running training loss and the last validation AUROC. ``log`` (e.g.
     ``print``) receives one line per epoch.
+
+    ``parallel`` (a :class:`cnnfast.distributed.DataParallel`, from
+    :func:`cnnfast.distributed.from_environment`) trains data-parallel: ``config.batch_size`` is
+    the global batch, each rank runs its shard, gradients are summed over the ranks, validation
+    is sharded; only rank 0 shows progress, logs and writes the checkpoint.
     """
     config = config or TrainConfig()
     device = config.device
@@ -236,6 +248,11 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
     loss_fn = loss_for(task)
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config)
+    if parallel is not None:
+        loader = _setup_parallel(parallel, model, optimizer, loader, config)
+        progress, log = progress and parallel.is_main, log if parallel.is_main else None
+        if not parallel.is_main:
+            checkpoint_path = None
     result = FitResult()
     start = time.perf_counter()
 
@@ -254,7 +271,10 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
                 logits = model(cnnfast.tensor(x, device=device))
                 loss = loss_fn(logits, _targets(y, task, device))
                 optimizer.zero_grad()
-                loss.backward()
+                if parallel is None:
+                    loss.backward()
+                else:
+                    parallel.backward(loss, loader.fraction)
                 optimizer.step()
                 value = loss.item()
                 if not math.isfinite(value):
@@ -269,8 +289,10 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
                 bar.set_postfix(postfix, refresh=False)
             if schedule is not None:
                 schedule.step()
+            if parallel is not None:  # the epoch's loss over all ranks' samples
+                total, seen = parallel.sum(total, seen)
             logits = predict_logits(model, dataset.val.images, dataset.normalization,
-                                    config.eval_batch_size, device)
+                                    config.eval_batch_size, device, parallel)
             metrics = evaluate_scores(dataset.val.labels, scores_from_logits(logits, task), task,
                                       dataset.label_names)
             record = EpochRecord(epoch, total / max(seen, 1),
@@ -300,6 +322,14 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
     model.load_state_dict(result.best_state)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _setup_parallel(parallel, model: nn.Module, optimizer, loader: DataLoader,
+                    config: TrainConfig):
+    """Data-parallel set-up for :func:`fit`: SyncBatchNorm, rank 0's weights and optimizer
+    state everywhere, gradient hooks; returns this rank's shard of ``loader``."""
+    parallel.setup(model, optimizer, config.seed)
+    return parallel.shard_loader(loader)
 
 
 # --- checkpoints back into models ---------------------------------------------------------------

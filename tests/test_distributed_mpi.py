@@ -1,0 +1,200 @@
+"""Data-parallel training under mpiexec (the mpich wheel's, from ``cnnfast[mpi]``).
+
+The independent truth is a single-process run of the same command: after one epoch the
+checkpoints of 2 and 3 ranks (3: uneven shards) must match it to float32 rounding. Each rank
+runs one thread (CI has 2 cores). Faults: a killed rank and a stopped rank each end the job with
+a clear error in bounded time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mpi4py")
+
+from cnnfast import synthetic  # noqa: E402 - after the skip
+from cnnfast.checkpoint import load_checkpoint  # noqa: E402
+from cnnfast.data import save_npz  # noqa: E402
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+if not os.access(MPIEXEC, os.X_OK):
+    MPIEXEC = shutil.which("mpiexec")
+if MPIEXEC is None:
+    pytest.skip("no mpiexec (pip install 'cnnfast[mpi]')", allow_module_level=True)
+
+ONE_THREAD = {name: "1" for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS",
+                                     "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1", **extra}
+    # the ranks import the cnnfast under test, wherever pytest runs from
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def nodule_npz(tmp_path_factory):
+    """The built-in synthetic nodule set, small: 100 training images of 16x16, so a global batch
+    of 32 leaves a last batch of 4 (3 ranks: shards 11/11/10, then 2/1/1)."""
+    ds = synthetic.nodule_dataset(100, 40, 40, seed=0, size=16)
+    return save_npz(tmp_path_factory.mktemp("data") / "nodule16.npz", ds)
+
+
+def _train_argv(data, out, *extra) -> list[str]:
+    return ["train", "--data", str(data), "--model", "smallcnn", "--channels", "4", "8", "16",
+            "--epochs", "1", "--batch-size", "32", "--no-progress", "--out", str(out), *extra]
+
+
+def _run(cmd, timeout=240, **env) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert list(a) == list(b)
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+
+
+def test_two_and_three_ranks_match_one_process(tmp_path, nodule_npz):
+    python = [sys.executable, "-m", "cnnfast"]
+    _run(python + _train_argv(nodule_npz, tmp_path / "one"))
+    two = _run(python + _train_argv(nodule_npz, tmp_path / "two", "--workers", "2"))
+    _run([MPIEXEC, "-n", "3"] + python + _train_argv(nodule_npz, tmp_path / "three"))
+    _run([MPIEXEC, "-n", "2"] + python + _train_argv(nodule_npz, tmp_path / "local-bn",
+                                                     "--no-sync-bn"))
+    assert "data parallel: 2 ranks (mpi)" in two.stdout
+    assert two.stdout.count("epoch   1/1") == 1  # rank 0 alone prints
+
+    state = {name: load_checkpoint(tmp_path / name / "smallcnn.ckpt").state_dict
+             for name in ("one", "two", "three", "local-bn")}
+    diffs = {name: _max_difference(state["one"], state[name])
+             for name in ("two", "three", "local-bn")}
+    print(f"max |difference| vs one process: {diffs}")
+    for name in ("two", "three"):
+        for key, value in state["one"].items():  # weights, running statistics of every layer
+            np.testing.assert_allclose(state[name][key], value, rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name} ranks, {key}")
+    # the comparison can fail: per-rank batch statistics give other running variances
+    assert diffs["local-bn"] > 1e-4
+    metrics = [json.loads((tmp_path / name / "metrics.json").read_text())["history"][0]
+               for name in ("one", "two", "three")]
+    for m in metrics[1:]:  # the epoch's loss is summed over all ranks' samples
+        assert m["train_loss"] == pytest.approx(metrics[0]["train_loss"], rel=1e-5)
+        assert m["val_auc"] == pytest.approx(metrics[0]["val_auc"], abs=1e-6)
+    # only rank 0 wrote: one checkpoint, no stray temporary files
+    assert sorted(p.name for p in (tmp_path / "three").iterdir() if p.suffix == ".ckpt") == [
+        "smallcnn.ckpt"]
+    assert not [p for p in (tmp_path / "three").iterdir() if p.name.startswith(".")]
+
+
+REDUCER_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    import cnnfast
+    from cnnfast import distributed
+    from cnnfast.tensor import Tensor
+
+    dp = distributed.from_environment()
+    comm, rank, size = dp.comm, dp.rank, dp.size
+    rng = np.random.default_rng(7)
+    shapes = [(300,), (17, 9), (5,), (1000,), (3, 3, 3)]
+    params = [cnnfast.tensor(np.zeros(s, np.float32), requires_grad=True) for s in shapes]
+    # every rank knows every rank's gradients, so each can compute the expected sum itself
+    grads = [[(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 4)).astype(np.float32)
+              for s in shapes] for _ in range(size)]
+    reducer = distributed.GradientReducer(params, comm, bucket_bytes=400)
+    assert len(reducer.buckets) >= 3, len(reducer.buckets)
+    reducer.arm()
+    loss = sum(((p * Tensor(g)).sum() for p, g in zip(params, grads[rank])), Tensor(np.float32(0)))
+    loss.backward()
+    started_in_backward = reducer.next_start
+    reducer.finish()
+    assert started_in_backward == len(reducer.buckets), started_in_backward
+    for i, p in enumerate(params):
+        want = grads[0][i].copy()
+        for r in range(1, size):
+            want += grads[r][i]  # rank order, float32: the documented summation order
+        assert np.array_equal(p.grad.numpy(), want), (rank, i)
+    digest = np.concatenate([p.grad.numpy().ravel() for p in params]).view(np.uint32)
+    everyone = np.empty((size, digest.size), np.uint32)
+    comm.comm.Allgather(digest, everyone)
+    assert (everyone == everyone[0]).all()
+    print("reducer ok", rank)
+""")
+
+
+def test_gradient_buckets_sum_in_rank_order_during_backward(tmp_path):
+    script = tmp_path / "reducer.py"
+    script.write_text(REDUCER_SCRIPT)
+    done = _run([MPIEXEC, "-n", "3", sys.executable, str(script)], timeout=120)
+    assert sorted(done.stdout.split("\n"))[-3:] == ["reducer ok 0", "reducer ok 1", "reducer ok 2"]
+
+
+# --- faults: a rank that dies or stops ends the job, never a hang ---------------------------------
+
+def _rank_pids(marker: str) -> dict[int, int]:
+    """PID of each rank whose command line holds ``marker`` (read from /proc)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmdline and b"cnnfast" in cmdline:
+            for item in environ:
+                if item.startswith(b"PMI_RANK="):
+                    found[int(item[len(b"PMI_RANK="):])] = int(pid)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_a_failed_rank_ends_the_job_with_a_clear_error(tmp_path, nodule_npz, fault):
+    out = tmp_path / f"fault-{fault}"
+    argv = _train_argv(nodule_npz, out, "--workers", "2")
+    argv[argv.index("--epochs") + 1] = "500"  # far longer than the test waits
+    job = subprocess.Popen([sys.executable, "-m", "cnnfast", *argv],
+                           env=_env(CNNFAST_DIST_TIMEOUT="4"), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    pids: dict[int, int] = {}
+    try:
+        for line in job.stdout:  # wait until both ranks train
+            if line.startswith("epoch   1/"):
+                break
+        pids = _rank_pids(str(out))
+        assert sorted(pids) == [0, 1], pids
+        os.kill(pids[1], signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        hit = time.monotonic()
+        rest = job.stdout.read()
+        code = job.wait(timeout=90)
+        elapsed = time.monotonic() - hit
+    finally:
+        for pid in pids.values():  # a stopped rank may outlive MPI_Abort's SIGTERM
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert code != 0
+    assert "the 2-rank job failed" in rest
+    if fault == "kill":
+        assert "BAD TERMINATION" in rest and elapsed < 30, (elapsed, rest[-2000:])
+    else:  # rank 0 waits CNNFAST_DIST_TIMEOUT seconds, says so, and aborts the job
+        assert "got no answer from the other ranks within 4 s" in rest, rest[-2000:]
+        assert elapsed < 4 + 30, elapsed
