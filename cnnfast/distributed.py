@@ -56,6 +56,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from cnnfast import backend as _backend
 from cnnfast import dispatch
 
 ENV_TIMEOUT = "CNNFAST_DIST_TIMEOUT"
@@ -340,7 +341,7 @@ class GradientReducer:
             self._start_nccl(b)
             return
         flat = b.flat_gradients(p0.xp, self.world)
-        if dispatch.is_cupy_array(flat):
+        if _backend.is_cupy_array(flat):
             flat = flat.get()  # cuda without NCCL: stage through the host
         received = np.empty((self.world, b.chunk), b.dtype)
         b.buffers = (flat.reshape(self.world, b.chunk), received)
@@ -388,7 +389,7 @@ class GradientReducer:
             for p, n in zip(b.params, b.sizes):
                 # a new array: a parameter's .grad may be an array another parameter shares
                 value = flat[offset:offset + n].reshape(p.shape).copy()
-                p.grad = _tensor(dispatch.to_device(value, p.device), p.device)
+                p.grad = _tensor(_backend.to_device(value, p.device), p.device)
                 offset += n
 
 
@@ -521,9 +522,9 @@ class DataParallel:
 def broadcast_module(module, comm: Communicator) -> None:
     """Copy rank 0's parameters and buffers into every rank's ``module``."""
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        host = np.ascontiguousarray(dispatch.to_device(t.data, "cpu")).copy()
+        host = np.ascontiguousarray(_backend.to_device(t.data, "cpu")).copy()
         comm.broadcast_array(host, name)
-        t.data[...] = dispatch.to_device(host, t.device)
+        t.data[...] = _backend.to_device(host, t.device)
 
 
 def broadcast_optimizer_state(optimizer, comm: Communicator) -> None:
@@ -553,10 +554,10 @@ def broadcast_optimizer_state(optimizer, comm: Communicator) -> None:
                 state[name] = spec[0]
                 continue
             shape, dtype = spec
-            host = (np.ascontiguousarray(dispatch.to_device(state[name], "cpu")).copy()
+            host = (np.ascontiguousarray(_backend.to_device(state[name], "cpu")).copy()
                     if comm.is_main else np.empty(shape, dtype))
             comm.broadcast_array(host, f"optimizer state {name}")
-            state[name] = dispatch.to_device(host, p.device)
+            state[name] = _backend.to_device(host, p.device)
         optimizer.state[id(p)] = state
 
 

@@ -33,8 +33,8 @@ if not os.access(MPIEXEC, os.X_OK):
 if MPIEXEC is None:
     pytest.skip("no mpiexec (pip install 'cnnfast[mpi]')", allow_module_level=True)
 
-ONE_THREAD = {name: "1" for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS",
-                                     "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+ONE_THREAD = dict.fromkeys(("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                            "MKL_NUM_THREADS"), "1")
 
 
 def _env(**extra) -> dict:
@@ -140,7 +140,7 @@ def test_gradient_buckets_sum_in_rank_order_during_backward(tmp_path):
     script = tmp_path / "reducer.py"
     script.write_text(REDUCER_SCRIPT)
     done = _run([MPIEXEC, "-n", "3", sys.executable, str(script)], timeout=120)
-    assert sorted(done.stdout.split("\n"))[-3:] == ["reducer ok 0", "reducer ok 1", "reducer ok 2"]
+    assert all(f"reducer ok {rank}" in done.stdout for rank in range(3)), done.stdout
 
 
 # --- faults: a rank that dies or stops ends the job, never a hang ---------------------------------

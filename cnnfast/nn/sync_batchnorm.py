@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cnnfast import dispatch
+from cnnfast import backend
 from cnnfast.nn.layers import BatchNorm2d, BatchNorm3d, _BatchNorm
 from cnnfast.nn.module import Module
 from cnnfast.tensor import Function, Tensor, as_tensor
@@ -31,7 +31,7 @@ def _per_channel(v, ndim: int):
 
 
 def _to_host(a) -> np.ndarray:
-    return np.asarray(dispatch.to_device(a, "cpu"))
+    return np.asarray(backend.to_device(a, "cpu"))
 
 
 class SyncBatchNormFunction(Function):
@@ -43,7 +43,7 @@ class SyncBatchNormFunction(Function):
     """
 
     def forward(self, x, gamma, beta):
-        xp = dispatch.array_xp(x)
+        xp = backend.array_xp(x)
         axes = (0,) + tuple(range(2, x.ndim))
         C = x.shape[1]
         xd = x.astype(np.float64)
@@ -60,13 +60,13 @@ class SyncBatchNormFunction(Function):
         if self.running_mean is not None:
             m = self.momentum
             unbiased = var * (count / (count - 1))
-            self.running_mean[...] = dispatch.to_device(
+            self.running_mean[...] = backend.to_device(
                 ((1 - m) * _to_host(self.running_mean) + m * mean).astype(x.dtype), self.device)
-            self.running_var[...] = dispatch.to_device(
+            self.running_var[...] = backend.to_device(
                 ((1 - m) * _to_host(self.running_var) + m * unbiased).astype(x.dtype),
                 self.device)
-        mean_x = xp.asarray(dispatch.to_device(mean.astype(x.dtype), self.device))
-        invstd_x = xp.asarray(dispatch.to_device(invstd.astype(x.dtype), self.device))
+        mean_x = xp.asarray(backend.to_device(mean.astype(x.dtype), self.device))
+        invstd_x = xp.asarray(backend.to_device(invstd.astype(x.dtype), self.device))
         xhat = (x - _per_channel(mean_x, x.ndim)) * _per_channel(invstd_x, x.ndim)
         if any(self.needs_input_grad):
             self.xhat, self.gamma, self.invstd, self.count = xhat, gamma, invstd_x, count
@@ -74,7 +74,7 @@ class SyncBatchNormFunction(Function):
         return y.astype(x.dtype, copy=False)
 
     def backward(self, gy):
-        xp = dispatch.array_xp(gy)
+        xp = backend.array_xp(gy)
         xhat, ndim = self.xhat, gy.ndim
         axes = (0,) + tuple(range(2, ndim))
         gbeta = gy.sum(axis=axes, dtype=np.float64)
@@ -82,8 +82,8 @@ class SyncBatchNormFunction(Function):
         C = gbeta.shape[0]
         total = self.group.sum_over_ranks(np.concatenate([_to_host(gbeta), _to_host(ggamma)]))
         dtype = gy.dtype.type
-        g_beta = xp.asarray(dispatch.to_device(total[:C].astype(gy.dtype), self.device))
-        g_gamma = xp.asarray(dispatch.to_device(total[C:].astype(gy.dtype), self.device))
+        g_beta = xp.asarray(backend.to_device(total[:C].astype(gy.dtype), self.device))
+        g_gamma = xp.asarray(backend.to_device(total[C:].astype(gy.dtype), self.device))
         # gx = gamma * invstd / M * (M * gy - sum(gy) - xhat * sum(gy * xhat)), sums global
         scale = _per_channel(self.gamma * self.invstd / dtype(self.count), ndim)
         gx = scale * (dtype(self.count) * gy - _per_channel(g_beta, ndim)
