@@ -24,23 +24,26 @@ threads this machine gives) and ``cudnn`` (PyTorch on the GPU).
 
 How it measures
 ===============
-1. Correctness first: each candidate's result (every output of the op, or a step's loss and every
-   parameter gradient) is compared with the reference path on the same inputs. A candidate whose
-   result differs (a wrong shape, a NaN, or an error above the tolerance: ops max |got - ref| /
-   max |ref| <= 1e-3; steps ||got - ref|| / ||ref|| <= 1e-2 per gradient, since float32 ReLU
-   masks may flip on near-zero inputs) is reported as WRONG and not timed; one that raises is
-   reported as ERROR. Where the reference would take long (big 3D shapes, the ResNet steps) the
-   check runs on a smaller batch of the same shape; the table says so (``ok@2`` = checked at
-   batch 2).
-2. The check's call is the candidate's first call of the op: its wall time ("1st") includes any
-   JIT compilation and is reported apart from the timings.
+0. Each candidate runs in a worker process of its own (:mod:`cnnfast.bench.executor`), as users
+   run one library per process; ``--in-process`` runs them all here instead.
+1. Correctness first: each candidate runs the op (or a step's forward and backward) in float64
+   and in float32, and both results (every output, or the loss and every parameter gradient) are
+   compared with the reference computed in float64 (:mod:`cnnfast.bench.checks`): float64 within
+   1e-9 (gradients 1e-8), float32 within 16 times the reference's own float32 error, at least
+   1e-4 for ops, 1e-5 for the loss and 0.1 for gradients (ReLU masks flip near zero in float32).
+   A candidate that differs is reported as WRONG and not timed; one that raises as ERROR. Where
+   the reference would take long (big 3D shapes, the ResNet steps) the check runs on a smaller
+   batch of the same shape; the table says so (``ok@2`` = checked at batch 2).
+2. The check's first float32 call is the candidate's first call of the op: its wall time
+   ("1st") includes any JIT compilation and is reported apart from the timings.
 3. One more untimed warm-up call at the timed shape, then ``repeats`` timed calls per candidate,
-   round-robin (the candidate order rotates every repeat), so drift from other load on the
+   alternating (the candidate order rotates every repeat), so drift from other load on the
    machine hits all candidates alike. GPU work is synchronised before the clock stops. Calls
    shorter than 20 ms are repeated in an inner loop and averaged. Without ``--repeats``, items
    slower than the per-item budget get fewer repeats (at least 3; 2 in quick mode).
-4. Reported: median, IQR and min of the repeats, GFLOP/s (convolutions and steps), and the ratio
-   to PyTorch on the same kind of device, ``t_torch / t_path`` (> 1: faster than PyTorch).
+4. Reported: median, IQR and min of the repeats, GFLOP/s (convolutions and steps), the time
+   ratio to PyTorch on the same kind of device, ``time_vs_torch = t_path / t_torch`` (< 1:
+   faster than PyTorch), and the CPU other processes used while each item was timed.
 
 The reference path is slow: it is timed only on the ``r18-28`` and ``tiny`` shapes and the
 SmallCNN step, with at most 3 repeats (2 in quick mode; ``--reference-all`` times it
@@ -58,96 +61,105 @@ input needs no gradient).
 
 from __future__ import annotations
 
+from cnnfast.bench import timing
 from cnnfast.bench.candidates import (
-                                      PATHS,
-                                      Candidate,
-                                      KernelCandidate,
-                                      TorchCandidate,
-                                      family_kernels,
-                                      kernel_call,
+    PATHS,
+    Candidate,
+    KernelCandidate,
+    TorchCandidate,
+    family_kernels,
+    kernel_call,
 )
 from cnnfast.bench.checks import (
-                                      CHECK_FLOPS_FULL,
-                                      CHECK_FLOPS_QUICK,
-                                      REFERENCE_MAX_REPEATS,
-                                      REFERENCE_MODELS,
-                                      REFERENCE_SETS,
-                                      TOLERANCE,
-                                      CheckFailed,
-                                      check_batch_for,
-                                      checked_op,
-                                      checked_step,
-                                      compare_grads,
-                                      compare_outputs,
-                                      reference_timed,
-                                      relative_error,
-                                      relative_l2_error,
+    CHECK_FLOPS_FULL,
+    CHECK_FLOPS_QUICK,
+    F32_FLOOR,
+    F32_SCALE,
+    F64_TOLERANCE,
+    REFERENCE_MAX_REPEATS,
+    REFERENCE_MODELS,
+    REFERENCE_SETS,
+    TOLERANCE,
+    CheckFailed,
+    check_batch_for,
+    check_op,
+    check_step,
+    checked_op,
+    checked_step,
+    compare_grads,
+    compare_outputs,
+    reference_timed,
+    relative_error,
+    relative_l2_error,
 )
 from cnnfast.bench.cli import QUICK_MODELS, QUICK_SHAPES, _parser, main, options_from_args
+from cnnfast.bench.executor import LocalExecutor, WorkerError, WorkerExecutor
 from cnnfast.bench.machine import (
-                                      cpu_busy,
-                                      cpu_model,
-                                      gpu_name,
-                                      load_average,
-                                      machine_info,
-                                      machine_threads,
-                                      versions,
+    OthersBusy,
+    cpu_busy,
+    cpu_model,
+    gpu_name,
+    load_average,
+    machine_info,
+    machine_threads,
+    versions,
 )
 from cnnfast.bench.memory import (
-                                      MB,
-                                      RssSampler,
-                                      measure_growth,
-                                      measure_step_memory,
-                                      release_free_memory,
-                                      rss_bytes,
+    MB,
+    RssSampler,
+    measure_growth,
+    measure_step_memory,
+    release_free_memory,
+    rss_bytes,
 )
 from cnnfast.bench.mirror import torch_mirror
 from cnnfast.bench.report import (
-                                      SCHEMA,
-                                      UsageError,
-                                      busy_note,
-                                      compare_reports,
-                                      format_table,
-                                      load_report,
+    SCHEMA,
+    UsageError,
+    busy_note,
+    compare_reports,
+    format_table,
+    load_report,
 )
 from cnnfast.bench.runner import Options, Runner, make_candidates, run_benchmarks
 from cnnfast.bench.shapes import (
-                                      IN_CHANNELS,
-                                      NUM_CLASSES,
-                                      SET_GEOMETRY,
-                                      SETS,
-                                      ConvShape,
-                                      act_shape,
-                                      all_shape_ids,
-                                      conv_shapes,
-                                      resnet18_conv_shapes,
+    IN_CHANNELS,
+    NUM_CLASSES,
+    SET_GEOMETRY,
+    SETS,
+    ConvShape,
+    act_shape,
+    all_shape_ids,
+    conv_shapes,
+    resnet18_conv_shapes,
 )
 from cnnfast.bench.timing import Entry, inner_loops, round_robin
 from cnnfast.bench.trainers import CnnfastTrainer, TorchTrainer, Trainer
 from cnnfast.bench.workloads import (
-                                      MODEL_SPECS,
-                                      MODELS,
-                                      OPS,
-                                      ModelSpec,
-                                      OpItem,
-                                      _record_layers,
-                                      build_model,
-                                      op_items,
+    MODEL_SPECS,
+    MODELS,
+    OPS,
+    ModelSpec,
+    OpItem,
+    _record_layers,
+    build_model,
+    op_items,
 )
 
 __all__ = [
-    "CHECK_FLOPS_FULL", "CHECK_FLOPS_QUICK", "IN_CHANNELS", "MB", "MODELS", "MODEL_SPECS",
-    "NUM_CLASSES", "OPS", "PATHS", "QUICK_MODELS", "QUICK_SHAPES", "REFERENCE_MAX_REPEATS",
-    "REFERENCE_MODELS", "REFERENCE_SETS", "SCHEMA", "SETS", "SET_GEOMETRY", "TOLERANCE",
-    "Candidate", "CheckFailed", "CnnfastTrainer", "ConvShape", "Entry", "KernelCandidate",
-    "ModelSpec", "OpItem", "Options", "RssSampler", "Runner", "TorchCandidate", "TorchTrainer",
-    "Trainer", "UsageError", "_parser", "_record_layers", "act_shape", "all_shape_ids",
-    "build_model", "busy_note", "check_batch_for", "checked_op", "checked_step",
-    "compare_grads", "compare_outputs", "compare_reports", "conv_shapes", "cpu_busy",
-    "cpu_model", "family_kernels", "format_table", "gpu_name", "inner_loops", "kernel_call",
-    "load_average", "load_report", "machine_info", "machine_threads", "main",
-    "make_candidates", "measure_growth", "measure_step_memory", "op_items", "options_from_args",
-    "reference_timed", "relative_error", "relative_l2_error", "release_free_memory",
-    "resnet18_conv_shapes", "round_robin", "rss_bytes", "run_benchmarks", "torch_mirror",
-    "versions",
+    "CHECK_FLOPS_FULL", "CHECK_FLOPS_QUICK", "F32_FLOOR", "F32_SCALE", "F64_TOLERANCE",
+    "IN_CHANNELS", "MB", "MODELS", "MODEL_SPECS", "NUM_CLASSES", "OPS", "PATHS", "QUICK_MODELS",
+    "QUICK_SHAPES", "REFERENCE_MAX_REPEATS", "REFERENCE_MODELS", "REFERENCE_SETS", "SCHEMA",
+    "SETS", "SET_GEOMETRY", "TOLERANCE", "Candidate", "CheckFailed", "CnnfastTrainer",
+    "ConvShape", "Entry", "KernelCandidate", "LocalExecutor", "ModelSpec", "OpItem", "Options",
+    "OthersBusy", "RssSampler", "Runner", "TorchCandidate", "TorchTrainer", "Trainer",
+    "UsageError", "WorkerError", "WorkerExecutor", "_parser", "_record_layers", "act_shape",
+    "all_shape_ids", "build_model", "busy_note", "check_batch_for", "check_op", "check_step",
+    "checked_op", "checked_step", "compare_grads", "compare_outputs", "compare_reports",
+    "conv_shapes", "cpu_busy", "cpu_model", "family_kernels", "format_table", "gpu_name",
+    "inner_loops", "kernel_call", "load_average", "load_report", "machine_info",
+    "machine_threads", "main", "make_candidates", "measure_growth", "measure_step_memory",
+    "op_items", "options_from_args", "reference_timed", "relative_error", "relative_l2_error",
+    "release_free_memory", "resnet18_conv_shapes", "round_robin", "rss_bytes", "run_benchmarks",
+    "timing", "torch_mirror", "versions",
 ]

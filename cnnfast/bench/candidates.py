@@ -181,6 +181,10 @@ class TorchCandidate(Candidate):
         self.device_kind = "gpu" if name == "cudnn" else "cpu"
         self._torch = None
 
+    def __getstate__(self):
+        # Sent to a worker process without the module: the worker imports torch itself.
+        return {**self.__dict__, "_torch": None}
+
     def unavailable(self) -> str | None:
         try:
             import torch

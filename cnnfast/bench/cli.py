@@ -68,9 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.10,
                    help="--compare: slower by more than this fraction is a regression "
                         "(default 0.10)")
-    p.add_argument("--metric", choices=("median", "vs_torch"), default="median",
+    p.add_argument("--in-process", action="store_true",
+                   help="time every path in this one process instead of a worker process each "
+                        "(their thread pools then compete: see benchmarks/README.md)")
+    p.add_argument("--metric", choices=("median", "time_vs_torch", "vs_torch"), default="median",
                    help="--compare: median times, or each path's time relative to PyTorch in "
-                        "the same run (robust to a machine that got slower or busier)")
+                        "the same run (time_vs_torch; vs_torch is an alias), robust to a machine "
+                        "that got slower or busier")
     return p
 
 
@@ -140,6 +144,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         check_batch=check_batch, step_batch=args.step_batch,
         reference_all=args.reference_all, progress=not args.no_progress,
         out=args.out, item_budget_s=6.0 if quick else 20.0,
+        isolation="in-process" if args.in_process else "process",
     )
 
 

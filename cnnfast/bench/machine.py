@@ -41,6 +41,55 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
     return (os.cpu_count() or 1) * (ticks - (idle1 - idle0)) / ticks
 
 
+def _stat_ticks() -> tuple[int, int]:
+    """(all ticks, busy ticks) of every CPU so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]), sum(fields[:8]) - idle
+
+
+def _process_ticks(pid: int) -> int:
+    """User + system clock ticks a process has used (its own threads; 0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class OthersBusy:
+    """Cores' worth of CPU that other processes used while the block ran: all busy time in
+    /proc/stat minus what the processes ``pids`` (this one and the workers being timed) used.
+    ``cores`` stays None where /proc is missing."""
+
+    def __init__(self, pids):
+        self.pids = set(pids) | {os.getpid()}
+        self.cores: float | None = None
+
+    def _snapshot(self):
+        total, busy = _stat_ticks()
+        return total, busy, sum(_process_ticks(p) for p in self.pids)
+
+    def __enter__(self):
+        try:
+            self._start = self._snapshot()
+        except (OSError, ValueError, IndexError):
+            self._start = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._start is None:
+            return
+        try:
+            total, busy, own = (b - a for a, b in zip(self._start, self._snapshot()))
+        except (OSError, ValueError, IndexError):
+            return
+        if total > 0:
+            self.cores = max(0.0, (os.cpu_count() or 1) * (busy - own) / total)
+
+
 def load_average() -> float | None:
     """The 1-minute load average (None where the OS has none)."""
     try:

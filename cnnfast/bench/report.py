@@ -7,7 +7,10 @@ import math
 
 from cnnfast.bench.checks import REFERENCE_MAX_REPEATS
 
-SCHEMA = "cnnfast-bench/1"
+SCHEMA = "cnnfast-bench/2"
+# Schema 1 reported ``vs_torch = t_torch / t_path`` (> 1: faster); schema 2 uses the time ratio
+# everywhere (README, issues, this report): ``time_vs_torch = t_path / t_torch`` (< 1: faster).
+OLD_SCHEMAS = ("cnnfast-bench/1",)
 
 
 class UsageError(Exception):
@@ -62,6 +65,7 @@ def format_table(report: dict) -> str:
     rows = report["results"]
     m = report["machine"]
     threads = m.get("threads", {})
+    isolated = m.get("isolation", "process") == "process"
     lines = [
         f"cnnfast bench  {report['created']}  cnnfast {report['versions']['cnnfast']}",
         f"machine: {m['cpu']}, {m['cores']} cores ({m['threads_available']} available)"
@@ -71,8 +75,9 @@ def format_table(report: dict) -> str:
         + (f"; numba {threads['numba']} threads" if "numba" in threads else "")
         + ("; glibc malloc thresholds raised (cnnfast.cpu._malloc)"
            if m.get("malloc", {}).get("applied") else ""),
-        "median of round-robin repeats (warm-up excluded); 1st = first call incl. JIT compile "
-        "(at the check batch); vs torch = t_torch / t_path (>1: faster than PyTorch)",
+        f"each path in {'its own worker process' if isolated else 'this one process'}; "
+        "median of alternating repeats (warm-up excluded); 1st = first call incl. JIT compile "
+        "(at the check batch); time/torch = t_path / t_torch (< 1: faster than PyTorch)",
     ]
     busy = busy_note(report)
     if busy:
@@ -81,7 +86,7 @@ def format_table(report: dict) -> str:
         most = REFERENCE_MAX_REPEATS - (1 if report["options"]["quick"] else 0)
         lines.append("reference: timed only on r18-28/tiny shapes and the SmallCNN step, at most "
                      f"{most} repeats (--reference-all: everywhere); always the oracle")
-    header = ("op", "shape", "path", "check", "1st", "median", "IQR", "GFLOP/s", "vs torch")
+    header = ("op", "shape", "path", "check", "1st", "median", "IQR", "GFLOP/s", "time/torch")
     table = []
     skipped: dict[tuple[str, str], int] = {}
     last_id = None
@@ -100,7 +105,7 @@ def format_table(report: dict) -> str:
             continue
         table.append((op, shape, row["path"], _status(row), _fmt_time(row["first_call_s"]),
                       _fmt_time(row.get("median_s")), _fmt_time(row.get("iqr_s")),
-                      _fmt(row.get("gflops"), ".1f"), _fmt(row.get("vs_torch"), ".2f"), None))
+                      _fmt(row.get("gflops"), ".1f"), _fmt(row.get("time_vs_torch"), ".2f"), None))
     if table:
         widths = [max(len(str(r[i])) for r in table + [header]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
@@ -150,8 +155,12 @@ def load_report(path: str) -> dict:
         raise UsageError(f"cannot read {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
         raise UsageError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
+    if not isinstance(report, dict) or report.get("schema") not in (SCHEMA,) + OLD_SCHEMAS:
         raise UsageError(f"{path} is not a cnnfast bench report (schema {SCHEMA})")
+    if report["schema"] in OLD_SCHEMAS:   # speed ratio -> time ratio
+        for row in report.get("results", []):
+            v = row.pop("vs_torch", None)
+            row["time_vs_torch"] = 1.0 / v if v else None
     return report
 
 
@@ -159,9 +168,10 @@ def compare_reports(old: dict, new: dict, threshold: float = 0.10,
                     metric: str = "median") -> tuple[list[dict], str]:
     """Match rows by (item id, path) and flag regressions: a path that was ok and now is WRONG or
     ERROR, or one slower by more than ``threshold`` (a fraction). ``metric="median"`` compares
-    median times; ``"vs_torch"`` compares each path's time relative to PyTorch in the same run
-    (``slowdown = old vs_torch / new vs_torch``), which cancels drift in the machine's speed
-    between the two runs (the PyTorch rows themselves are then not compared)."""
+    median times; ``"time_vs_torch"`` compares each path's time relative to PyTorch in the same
+    run (``slowdown = new time_vs_torch / old time_vs_torch``), which cancels drift in the
+    machine's speed between the two runs (the PyTorch rows themselves are then not compared)."""
+    relative = metric in ("time_vs_torch", "vs_torch")
     old_rows = {(r["id"], r["path"]): r for r in old["results"]}
     lines = []
     if old["machine"].get("cpu") != new["machine"].get("cpu"):
@@ -174,9 +184,9 @@ def compare_reports(old: dict, new: dict, threshold: float = 0.10,
             continue
         entry = {"id": r["id"], "path": r["path"], "old_s": o.get("median_s"),
                  "new_s": r.get("median_s"), "ratio": None, "regression": False, "why": ""}
-        if metric == "vs_torch":
-            before, after = o.get("vs_torch"), r.get("vs_torch")
-            slowdown = before / after if before and after else None
+        if relative:
+            before, after = o.get("time_vs_torch"), r.get("time_vs_torch")
+            slowdown = after / before if before and after else None
             if r["path"] in ("torch", "cudnn"):
                 slowdown = None
         else:
@@ -189,12 +199,12 @@ def compare_reports(old: dict, new: dict, threshold: float = 0.10,
             if slowdown > 1 + threshold:
                 entry["regression"] = True
                 entry["why"] = f"{(slowdown - 1) * 100:.0f}% slower" + (
-                    " relative to torch" if metric == "vs_torch" else "")
+                    " relative to torch" if relative else "")
         else:
             continue
         compared.append(entry)
     regressions = [e for e in compared if e["regression"]]
-    what = "relative to PyTorch in each run" if metric == "vs_torch" else "median times"
+    what = "relative to PyTorch in each run" if relative else "median times"
     lines.append(f"compared {len(compared)} figures ({what}); threshold {threshold * 100:.0f}% "
                  "slower; slowdown = new / old (> 1: slower)")
     width = max((len(e["id"]) for e in compared), default=10)

@@ -5,46 +5,27 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import gc
 import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 
-import cnnfast
-from cnnfast.bench.candidates import (
-    PATHS,
-    Candidate,
-    KernelCandidate,
-    TorchCandidate,
-    family_kernels,
-    kernel_call,
-)
+import numpy as np
+
+from cnnfast.bench.candidates import PATHS, Candidate, KernelCandidate, TorchCandidate
 from cnnfast.bench.checks import (
     REFERENCE_MAX_REPEATS,
-    TOLERANCE,
     check_batch_for,
-    compare_grads,
-    compare_outputs,
+    check_op,
+    check_step,
     reference_timed,
 )
-from cnnfast.bench.machine import gpu_name, machine_info, machine_threads, versions
-from cnnfast.bench.memory import measure_growth, measure_step_memory
+from cnnfast.bench.executor import LocalExecutor, WorkerExecutor
+from cnnfast.bench.machine import cpu_busy, gpu_name, machine_info, machine_threads, versions
 from cnnfast.bench.report import SCHEMA
-from cnnfast.bench.timing import Entry, _timed, inner_loops, round_robin
-from cnnfast.bench.trainers import Trainer
-from cnnfast.bench.workloads import (
-    MODEL_SPECS,
-    MODELS,
-    OPS,
-    ModelSpec,
-    OpItem,
-    _model_data,
-    _step_flops_per_sample,
-    build_model,
-    op_items,
-)
+from cnnfast.bench.timing import Entry, inner_loops, round_robin
+from cnnfast.bench.workloads import MODEL_SPECS, MODELS, OPS, ModelSpec, OpItem, op_items
 
 
 @dataclass
@@ -65,6 +46,7 @@ class Options:
     progress: bool = True
     out: str | None = None
     seed: int = 0
+    isolation: str = "process"            # "process": a worker per candidate; or "in-process"
 
 def make_candidates(options: Options) -> list[Candidate]:
     cands: list[Candidate] = []
@@ -75,28 +57,24 @@ def make_candidates(options: Options) -> list[Candidate]:
             cands.append(KernelCandidate(name, cuda_sim_allowed=options.cuda_sim))
     return cands
 
-def _set_threads(n: int, cands: list[Candidate]) -> dict:
-    used = {}
-    for c in cands:
-        if isinstance(c, TorchCandidate) and c.unavailable() is None:
-            c._torch.set_num_threads(n)
-            used["torch"] = c._torch.get_num_threads()
-    if any(getattr(c, "path", None) == "cpu" for c in cands):
-        try:
-            import numba
 
-            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-            used["numba"] = numba.get_num_threads()
-        except ImportError:
-            pass
-    return used
+def _executor(cand: Candidate, options: Options):
+    if options.isolation == "in-process":
+        return LocalExecutor(cand)
+    return WorkerExecutor(cand)
 
 
 class Runner:
+    """Checks every candidate on every item against the float64 oracle, then times the ones
+    that pass, alternating, each in its own worker process (``Options.isolation``)."""
+
     def __init__(self, options: Options, candidates: list[Candidate] | None = None):
         self.o = options
         self.cands = candidates if candidates is not None else make_candidates(options)
-        self.reference = KernelCandidate("reference")
+        self.oracle = LocalExecutor(KernelCandidate("reference"))
+        self.execs: dict[str, LocalExecutor | WorkerExecutor] = {}
+        self.threads: dict[str, dict] = {}
+        self.pids: dict[str, int] = {}
         self.results: list[dict] = []
         self.memory: list[dict] = []
         self.notes: list[str] = []
@@ -105,7 +83,7 @@ class Runner:
     def _reference_timed(self, item) -> bool:
         return reference_timed(item, self.o.reference_all)
 
-    def _repeats(self, cand: Candidate, warm_s: float) -> int:
+    def _repeats(self, name: str, warm_s: float) -> int:
         if self.o.repeats is not None:
             r = self.o.repeats
         else:
@@ -113,153 +91,171 @@ class Runner:
             if warm_s * r > self.o.item_budget_s:
                 r = max(3 if not self.o.quick else 2, int(self.o.item_budget_s / warm_s))
                 r = min(r, 3 if self.o.quick else 5)
-        if cand.name == "reference":
+        if name == "reference":
             r = min(r, REFERENCE_MAX_REPEATS - (1 if self.o.quick else 0))
         return r
 
-    def _row(self, item_id, op, phase, shape_id, set_name, label, batch, cand) -> dict:
+    def _row(self, item_id, op, phase, shape_id, set_name, label, batch, name) -> dict:
         return {"id": item_id, "op": op, "phase": phase, "shape_id": shape_id, "set": set_name,
-                "shape": label, "batch": batch, "path": cand.name, "status": "skipped",
-                "reason": None, "check_batch": None, "check_error": None, "first_call_s": None,
-                "median_s": None, "gflop": None, "gflops": None, "vs_torch": None}
+                "shape": label, "batch": batch, "path": name, "status": "skipped",
+                "reason": None, "check_batch": None, "check_error": None,
+                "check_error_f64": None, "check_tolerance": None, "first_call_s": None,
+                "median_s": None, "gflop": None, "gflops": None, "time_vs_torch": None}
 
     def _check_batch(self, item: OpItem) -> int:
         return check_batch_for(item, self.o.quick, self.o.check_batch)
 
     def _rows_and_active(self, item, *fields) -> tuple[list[dict], list]:
         """A result row per candidate for ``item`` (an OpItem or a ModelSpec; ``fields`` are
-        :meth:`_row`'s before ``cand``), and the (candidate, row) pairs that will run; the
+        :meth:`_row`'s before the path), and the (executor, row) pairs that will run; the
         others' rows say why not."""
         rows, active = [], []
         for cand in self.cands:
-            row = self._row(*fields, cand)
+            row = self._row(*fields, cand.name)
             rows.append(row)
-            reason = self.unavailable.get(cand.name) or cand.unavailable_for(item)
+            reason = self.unavailable.get(cand.name)
             if reason is None and cand.name == "reference" and not self._reference_timed(item):
                 reason = "reference timed on small shapes only (--reference-all)"
+            ex = self.execs.get(cand.name)
+            if reason is None:
+                try:
+                    reason = ex.unavailable_for(item)
+                except Exception as e:  # noqa: BLE001 - a worker that died
+                    row["status"], reason = "ERROR", f"{type(e).__name__}: {e}"
             if reason:
                 row["reason"] = reason
                 continue
-            active.append((cand, row))
+            active.append((ex, row))
         return rows, active
 
+    def _judge(self, row: dict, verdict: tuple) -> bool:
+        ok, err32, err64, tol32, what = verdict
+        row["check_error"] = err32 if math.isfinite(err32) else None
+        row["check_error_f64"] = err64 if math.isfinite(err64) else None
+        row["check_tolerance"] = tol32
+        if not ok:
+            row["status"], row["reason"] = "WRONG", what
+        return ok
+
     def run_item(self, item: OpItem) -> None:
-        entries = []
         rows, active = self._rows_and_active(item, item.id, item.op, item.phase, item.shape_id,
                                              item.set_name, item.label, item.batch)
-        if not active:
-            self.results.extend(rows)
-            return
-        n_check = self._check_batch(item)
-        check_inputs = item.make_inputs(n_check)
-        expected = kernel_call(family_kernels("reference", item.family), item, check_inputs)()
-        full_inputs = check_inputs if n_check == item.batch else None
-        for cand, row in active:
+        entries = []
+        if active:
+            n_check = self._check_batch(item)
+            ref32, _ = self.oracle.op_result(item, n_check, np.float32)
+            ref64, _ = self.oracle.op_result(item, n_check, np.float64)
+        for ex, row in active:
             row["check_batch"] = n_check
             try:
-                native = {k: cand.native(v) for k, v in check_inputs.items()}
-                start = time.perf_counter()
-                got = cand.op_fn(item, native)()
-                cand.sync()
-                row["first_call_s"] = time.perf_counter() - start
-                got = tuple(cand.to_numpy(g) for g in got)
-                ok, err, what = compare_outputs(got, expected, TOLERANCE["op"])
-                row["check_error"] = err if math.isfinite(err) else None
-                if not ok:
-                    row["status"], row["reason"] = "WRONG", what
+                got32, row["first_call_s"] = ex.op_result(item, n_check, np.float32)
+                got64, _ = ex.op_result(item, n_check, np.float64)
+                if not self._judge(row, check_op(got32, got64, ref32, ref64)):
                     continue
-                if full_inputs is None:
-                    full_inputs = item.make_inputs(item.batch)
-                native = {k: cand.native(v) for k, v in full_inputs.items()}
-                fn = cand.op_fn(item, native)
+                del got32, got64
+                key = ex.prepare_op(item)
                 row["status"] = "ok"
                 row["gflop"] = None if item.flops() is None else item.flops() / 1e9
-                entries.append(Entry(cand, fn, row, 0))
+                entries.append(Entry(ex, key, row))
             except Exception as e:  # noqa: BLE001 - one broken path must not stop the run
                 row["status"], row["reason"] = "ERROR", f"{type(e).__name__}: {e}"
-        del expected, check_inputs
+        if active:
+            del ref32, ref64
         self._time(entries)
+        for e in entries:
+            e.executor.release(e.key)
         self.results.extend(rows)
 
     def _time(self, entries: list[Entry]) -> None:
         # one untimed warm-up each at the timed shape decides the repeats and inner loops
-        gc.collect()
         for e in entries:
             try:
-                t = _timed(e.fn, e.cand.sync)
+                t = e.executor.sample(e.key, 1)
             except Exception as ex:  # noqa: BLE001
                 e.row["status"], e.row["reason"] = "ERROR", f"{type(ex).__name__}: {ex}"
                 continue
             e.row["warmup_s"] = t
-            e.repeats = self._repeats(e.cand, t)
+            e.repeats = self._repeats(e.row["path"], t)
             e.inner = inner_loops(t)
         entries[:] = [e for e in entries if e.row["status"] == "ok"]
-        round_robin(entries)
+        try:
+            round_robin(entries)
+        except Exception as ex:  # noqa: BLE001 - a worker that died while timing
+            for e in entries:
+                if "median_s" not in e.row or e.row["median_s"] is None:
+                    e.row["status"], e.row["reason"] = "ERROR", f"{type(ex).__name__}: {ex}"
         for e in entries:
             if e.row.get("gflop") and e.row.get("median_s"):
                 e.row["gflops"] = e.row["gflop"] / e.row["median_s"]
 
-    def run_model(self, spec: ModelSpec) -> list[tuple[Candidate, Trainer]]:
+    def _model_spec(self, spec: ModelSpec) -> ModelSpec:
         if self.o.step_batch:
             spec = ModelSpec(spec.name, spec.input_shape, self.o.step_batch,
                              min(spec.check_batch, self.o.step_batch))
         if self.o.check_batch is not None:
             n = spec.batch if self.o.check_batch == 0 else min(self.o.check_batch, spec.batch)
             spec = ModelSpec(spec.name, spec.input_shape, spec.batch, n)
+        return spec
+
+    def run_model(self, spec: ModelSpec) -> list[Entry]:
+        """Check and time one training step on every candidate; returns the timed entries
+        (their trainers stay prepared in their executors for the memory figures)."""
+        spec = self._model_spec(spec)
         item_id = f"step.train/{spec.name}"
-        dims = "x".join(map(str, spec.input_shape))
-        label = f"{spec.batch}x{dims}"
+        label = f"{spec.batch}x" + "x".join(map(str, spec.input_shape))
         rows, active = self._rows_and_active(spec, item_id, "step", "train", spec.name, "model",
                                              label, spec.batch)
-        trained = []
-        if not active:
-            self.results.extend(rows)
-            return trained
-        cnnfast.manual_seed(self.o.seed)
-        state = build_model(spec.name).state_dict()
-        xc, yc = _model_data(spec, spec.check_batch)
-        ref_trainer = self.reference.trainer(spec, state)
-        expected = ref_trainer.check(xc, yc)
-        flops = _step_flops_per_sample(ref_trainer.records) * spec.batch
-        del ref_trainer
-        xf, yf = _model_data(spec, spec.batch)
         entries = []
-        for cand, row in active:
+        if active:
+            ref32, _, flops = self.oracle.step_result(spec, self.o.seed, np.float32)
+            ref64, _, _ = self.oracle.step_result(spec, self.o.seed, np.float64)
+            self.oracle.close()
+            flops = flops * spec.batch
+        for ex, row in active:
             row["check_batch"] = spec.check_batch
             try:
-                trainer = cand.trainer(spec, state)
-                start = time.perf_counter()
-                got = trainer.check(xc, yc)
-                row["first_call_s"] = time.perf_counter() - start
-                ok, err, what = compare_grads(got, expected, TOLERANCE["step"])
-                row["check_error"] = err if math.isfinite(err) else None
-                if not ok:
-                    row["status"], row["reason"] = "WRONG", what
+                got32, row["first_call_s"], _ = ex.step_result(spec, self.o.seed, np.float32)
+                got64, _, _ = ex.step_result(spec, self.o.seed, np.float64)
+                if not self._judge(row, check_step(got32, got64, ref32, ref64)):
                     continue
-                trainer.prepare(xf, yf)
+                del got32, got64
+                key = ex.prepare_step(spec)
                 row["status"], row["gflop"] = "ok", flops / 1e9
-                entries.append(Entry(cand, trainer.step, row, 0))
-                trained.append((cand, trainer, row))
+                entries.append(Entry(ex, key, row))
             except Exception as e:  # noqa: BLE001
                 row["status"], row["reason"] = "ERROR", f"{type(e).__name__}: {e}"
+        if active:
+            del ref32, ref64
         self._time(entries)
-        for cand, trainer, row in trained:
-            if row["status"] != "ok":
+        for e in entries:
+            if e.row["status"] != "ok":
                 continue
             try:
-                row.update(measure_step_memory(trainer, isinstance(cand, KernelCandidate)
-                                               and cand.device == "cpu"))
-            except Exception as e:  # noqa: BLE001
-                row["memory_error"] = f"{type(e).__name__}: {e}"
+                e.row.update(e.executor.memory(e.key))
+            except Exception as ex:  # noqa: BLE001
+                e.row["memory_error"] = f"{type(ex).__name__}: {ex}"
         self.results.extend(rows)
-        return [(c, t) for c, t, r in trained if r["status"] == "ok"]
+        return [e for e in entries if e.row["status"] == "ok"]
 
-    def run(self) -> None:
+    def start(self) -> None:
+        """Start an executor per candidate (a worker process unless in-process)."""
         for cand in self.cands:
-            reason = cand.unavailable()
+            try:
+                ex = self.execs[cand.name] = _executor(cand, self.o)
+                reason, threads, self.pids[cand.name] = ex.start(self.o.threads)
+            except Exception as e:  # noqa: BLE001 - a worker that cannot start
+                reason, threads = f"{type(e).__name__}: {e}", {}
             if reason:
                 self.unavailable[cand.name] = reason
                 self.notes.append(f"{cand.name}: not run ({reason})")
+            self.threads[cand.name] = threads
+
+    def close(self) -> None:
+        for ex in self.execs.values():
+            ex.close()
+
+    def run(self) -> None:
+        self.start()
         items = op_items(self.o.ops, self.o.shapes)
         models = [MODEL_SPECS[m] for m in self.o.models] if "step" in self.o.ops else []
         total = len(items) + len(models)
@@ -271,22 +267,26 @@ class Runner:
                 bar.update(1)
             for spec in models:
                 bar.set_description(f"step.train/{spec.name}")
-                trained = self.run_model(spec)
-                if spec.name == "smallcnn" and self.o.memory_steps > 0:
-                    for cand, trainer in trained:
-                        bar.set_description(f"memory/{spec.name}/{cand.name}")
+                timed = self.run_model(spec)
+                for e in timed:
+                    if spec.name == "smallcnn" and self.o.memory_steps > 0:
+                        bar.set_description(f"memory/{spec.name}/{e.row['path']}")
                         try:
-                            growth = measure_growth(trainer, self.o.memory_steps)
-                        except Exception as e:  # noqa: BLE001
-                            growth = {"error": f"{type(e).__name__}: {e}"}
-                        self.memory.append({"model": spec.name, "path": cand.name, **growth})
-                del trained
+                            growth = e.executor.growth(e.key, self.o.memory_steps)
+                        except Exception as ex:  # noqa: BLE001
+                            growth = {"error": f"{type(ex).__name__}: {ex}"}
+                        self.memory.append({"model": spec.name, "path": e.row["path"],
+                                            **growth})
+                    e.executor.release(e.key)
                 bar.update(1)
         finally:
             bar.close()
+            self.close()
         self._ratios()
 
     def _ratios(self) -> None:
+        """``time_vs_torch = t_path / t_peer``, the peer being PyTorch on the same kind of device
+        (< 1: faster than PyTorch)."""
         peer = {"cpu": "torch", "gpu": "cudnn"}
         kinds = {c.name: c.device_kind for c in self.cands}
         kinds.setdefault("reference", "cpu")
@@ -297,7 +297,7 @@ class Runner:
             for path, row in rows.items():
                 ref = rows.get(peer[kinds.get(path, "cpu")])
                 if row.get("median_s") and ref and ref.get("median_s"):
-                    row["vs_torch"] = ref["median_s"] / row["median_s"]
+                    row["time_vs_torch"] = row["median_s"] / ref["median_s"]
 
 
 def _progress(total: int, enabled: bool):
@@ -321,31 +321,33 @@ def _progress(total: int, enabled: bool):
 
 def run_benchmarks(options: Options, candidates: list[Candidate] | None = None) -> dict:
     """Run the benchmarks ``options`` select and return the report (what ``--out`` writes)."""
-    runner = Runner(options, candidates)
     options.threads = options.threads or machine_threads()
-    threads = _set_threads(options.threads, runner.cands)
+    runner = Runner(options, candidates)
     started = _dt.datetime.now().astimezone()
-    machine = machine_info(options)          # the load average before the run
-    machine["threads"] = threads
-    # Every candidate (PyTorch too) runs under the allocator settings a cnnfast user gets.
+    machine = machine_info(options)          # the load before the run
+    # The oracle runs here; every candidate, PyTorch too, runs with the allocator settings a
+    # cnnfast user gets (each executor applies them in its own process).
     from cnnfast.cpu._malloc import tune_malloc
 
     machine["malloc"] = tune_malloc()
+    machine["isolation"] = options.isolation
     t0 = time.perf_counter()
     runner.run()
-    machine["gpu"] = gpu_name()              # torch may have loaded since
+    machine["threads"] = {k: v for t in runner.threads.values() for k, v in t.items()}
+    machine["threads_by_path"] = runner.threads
+    machine["workers"] = runner.pids
+    machine["gpu"] = gpu_name()
     with contextlib.suppress(OSError, AttributeError):
         machine["load_avg_end"] = os.getloadavg()
-    opts = asdict(options)
+    machine["cpu_busy_end"] = cpu_busy(0.5)
     return {
         "schema": SCHEMA,
         "created": started.isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - t0,
         "machine": machine,
         "versions": versions(),
-        "options": opts,
+        "options": asdict(options),
         "notes": runner.notes,
         "results": runner.results,
         "memory": runner.memory,
     }
-

@@ -4,16 +4,15 @@ round-robin that alternates candidates so that load that comes and goes hits all
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cnnfast.bench.candidates import Candidate
-from cnnfast.bench.machine import load_average
+from cnnfast.bench.machine import OthersBusy, load_average
 
 MIN_SAMPLE_S = 0.02                       # shorter calls are looped to this length per sample
-
 
 
 def _timed(fn: Callable, sync: Callable, inner: int = 1) -> float:
@@ -42,12 +41,13 @@ def _stats(times: list[float]) -> dict:
 
 @dataclass
 class Entry:
-    """One candidate being timed on one item."""
+    """One candidate being timed on one item: ``executor.sample(key, inner)`` gives one
+    sample (seconds per call) of the work ``key`` prepared in that executor."""
 
-    cand: Candidate
-    fn: Callable
+    executor: object
+    key: str
     row: dict
-    repeats: int
+    repeats: int = 0
     inner: int = 1
     times: list = field(default_factory=list)
 
@@ -62,16 +62,18 @@ def round_robin(entries: list[Entry]) -> None:
     """Time the (warmed-up) entries in turn, ``e.repeats`` samples each, rotating the order
     every repeat so that drift in the machine's load hits every entry alike."""
     rounds = max((e.repeats for e in entries), default=0)
-    for r in range(rounds):
-        gc.collect(1)   # the young generations: what the last round left (a full pass is slow)
-        shift = r % max(len(entries), 1)
-        for e in entries[shift:] + entries[:shift]:
-            if len(e.times) < e.repeats:
-                e.times.append(_timed(e.fn, e.cand.sync, e.inner))
+    pids = {getattr(e.executor, "pid", os.getpid()) for e in entries}
+    with OthersBusy(pids) as others:
+        for r in range(rounds):
+            shift = r % max(len(entries), 1)
+            for e in entries[shift:] + entries[:shift]:
+                if len(e.times) < e.repeats:
+                    e.times.append(e.executor.sample(e.key, e.inner))
     load = load_average()
     for e in entries:
         e.row.update(_stats(e.times))
         e.row["load_1m"] = load
+        e.row["others_busy"] = others.cores
         e.row["times_s"] = e.times
         e.row["repeats"] = len(e.times)
         e.row["inner_loops"] = e.inner

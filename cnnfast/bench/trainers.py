@@ -26,6 +26,10 @@ class Trainer:
     def prepare(self, x: np.ndarray, y: np.ndarray) -> None:
         raise NotImplementedError
 
+    def to_dtype(self, dtype) -> None:
+        """Cast the model's parameters and buffers (float64 for the correctness check)."""
+        raise NotImplementedError
+
     def step(self) -> None:
         raise NotImplementedError
 
@@ -43,6 +47,9 @@ class CnnfastTrainer(Trainer):
         self.loss_fn = nn.CrossEntropyLoss()
         self.opt = optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.records: list | None = None
+
+    def to_dtype(self, dtype):
+        self.model.to(dtype=dtype)
 
     def _tensors(self, x, y):
         return (cnnfast.tensor(x, device=self.cand.device),
@@ -90,6 +97,9 @@ class TorchTrainer(Trainer):
                                    strict=False)
         self.model.to(cand.dev).train()
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def to_dtype(self, dtype):
+        self.model.to(dtype=getattr(self.torch, np.dtype(dtype).name))
 
     def _tensors(self, x, y):
         return self.cand.native(x), self.cand.native(y)
