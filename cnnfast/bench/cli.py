@@ -13,6 +13,7 @@ from dataclasses import asdict
 import numpy as np
 
 from cnnfast import dispatch
+from cnnfast._io import atomic_write
 from cnnfast.bench.candidates import PATHS
 from cnnfast.bench.machine import machine_threads
 from cnnfast.bench.report import UsageError, compare_reports, format_table, load_report
@@ -197,10 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run_benchmarks(options)
     print(format_table(report))
     if out != "-":
-        tmp = f"{out}.tmp"
-        with open(tmp, "w") as f:
+        with atomic_write(out, "w") as f:
             json.dump(report, f, indent=1, default=_json_default)
-        os.replace(tmp, out)
         print(f"report written to {out}")
     return 0
 

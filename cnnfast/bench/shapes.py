@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from cnnfast.shapes import output_size
+
 SETS = ("r18-28", "r18-64", "r18-3d", "tiny")
 # Shape sets: (spatial size, spatial rank, batch).
 SET_GEOMETRY = {"r18-28": (28, 2, 32), "r18-64": (64, 2, 32), "r18-3d": (28, 3, 8)}
@@ -37,8 +39,7 @@ class ConvShape:
 
     @property
     def out(self) -> tuple[int, ...]:
-        return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in
-                     zip(self.size, self.kernel, self.stride, self.padding, self.dil))
+        return output_size(self.size, self.kernel, self.stride, self.padding, self.dil)
 
     def flops(self, n: int | None = None) -> float:
         """2 * N * K * prod(O) * (C/groups) * prod(KS): one pass (forward or either backward)."""
