@@ -62,8 +62,9 @@ def _positive_float(text: str) -> float:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from cnnfast.checkpoint import CheckpointError
     from cnnfast.data import DataError, DownloadError
+    from cnnfast.state import TrainingStateError
 
-    return (CLIError, DataError, DownloadError, CheckpointError, OSError)
+    return (CLIError, DataError, DownloadError, CheckpointError, TrainingStateError, OSError)
 
 
 def _check_device(device: str) -> None:
@@ -131,6 +132,15 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                         "result does not depend on the number of ranks)")
 
 
+def _add_resume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue the training whose state is in --out (same arguments; the "
+                        "result is bitwise that of an uninterrupted run)")
+    p.add_argument("--save-every", type=_positive_int, default=None, metavar="STEPS",
+                   help="also write the training state every STEPS optimizer steps (it is "
+                        "always written after every epoch)")
+
+
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where to run (default cpu); cuda needs a GPU with CuPy")
@@ -175,15 +185,35 @@ def _train_and_report(args, dataset, model, config, out: Path, start: float, dem
     """Fit, score the test split, write checkpoint/metrics/plots to ``out``, print a summary.
 
     ``parallel``: a data-parallel run (every rank trains and scores its shard; rank 0 alone
-    writes and prints)."""
+    writes and prints). The training holds ``out``'s run lock (rank 0's) and keeps its
+    training state there (resumable with ``--resume``, see :mod:`cnnfast.state`): rank 0 writes
+    it, every rank reads it.
+    """
+    import contextlib
+
+    from cnnfast.state import STATE_NAME
+    from cnnfast.train import fit
+
+    main_rank = parallel is None or parallel.is_main
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / f"{model.config['name']}.ckpt"
+    with _run_lock(out) if main_rank else contextlib.nullcontext():
+        resume = _resume_state(args, out, announce=main_rank)
+        result = fit(model, dataset, config, checkpoint_path=ckpt_path,
+                     progress=not args.no_progress, log=_log(args), parallel=parallel,
+                     state_path=out / STATE_NAME, save_every=getattr(args, "save_every", None),
+                     resume=resume)
+        return _report(args, dataset, model, config, out, start, demo, ckpt_path, result,
+                       parallel)
+
+
+def _report(args, dataset, model, config, out: Path, start: float, demo: bool, ckpt_path: Path,
+            result, parallel=None) -> int:
     from cnnfast import viz
     from cnnfast.checkpoint import save_checkpoint
-    from cnnfast.train import checkpoint_meta, evaluate, fit
+    from cnnfast.train import checkpoint_meta, evaluate
 
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / f"{model.config['name']}.ckpt"
-    result = fit(model, dataset, config, checkpoint_path=ckpt_path,
-                 progress=not args.no_progress, log=_log(args), parallel=parallel)
     test, scores = evaluate(model, dataset.test, dataset.task, dataset.label_names,
                             dataset.normalization, config.eval_batch_size, config.device,
                             parallel=parallel)
@@ -238,6 +268,50 @@ def _linear_baseline(dataset) -> float | None:
         clf = LogisticRegression(C=0.1, solver="liblinear").fit(x_train,
                                                                 dataset.train.labels[:, 0])
     return auroc(dataset.test.labels[:, 0], clf.decision_function(x_test))
+
+
+# --- resumable training (cnnfast.state) ------------------------------------------------------
+
+def _run_lock(out: Path):
+    """The lock on ``out`` (one training at a time); says so when it takes over a stale one."""
+    from cnnfast.state import RunLock, remove_temporary_files
+
+    lock = RunLock(out).acquire()
+    if lock.stale_pid is not None:
+        print(f"note: taking over the lock of pid {lock.stale_pid}, which is no longer running",
+              file=sys.stderr)
+    remove_temporary_files(out)  # a killed writer's leftovers; nobody else writes here now
+    return lock
+
+
+def _resume_state(args: argparse.Namespace, out: Path, announce: bool = True):
+    """The training state to continue from (``--resume``), or ``None`` to start afresh.
+
+    Without ``--resume`` an unfinished training in ``out`` is not overwritten: that would lose
+    it. ``--resume`` with no state in ``out`` starts from the beginning (nothing was saved yet).
+    """
+    from cnnfast.state import STATE_NAME, TrainingStateError, read_state
+
+    path = out / STATE_NAME
+    if not path.exists():
+        if getattr(args, "resume", False) and announce:
+            print(f"note: no training state in {out} yet; starting from the beginning",
+                  file=sys.stderr)
+        return None
+    try:
+        state = read_state(path)
+    except TrainingStateError as exc:
+        if getattr(args, "resume", False):
+            raise
+        raise CLIError(f"{out} holds a training state that cannot be read ({exc}); delete {path} "
+                       "to start a new training there, or choose another --out") from None
+    if getattr(args, "resume", False):
+        return state
+    if not state.finished:
+        raise CLIError(f"{out} holds an unfinished training ({state.epochs_done} epoch(s) done, "
+                       f"step {state.global_step}); add --resume to continue it, or delete "
+                       f"{path} to start over, or choose another --out")
+    return None
 
 
 # --- train --------------------------------------------------------------------------------------
@@ -445,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a few seconds on a tiny dataset, to check the installation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device_arg(p)
+    _add_resume_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train a model on a dataset",
@@ -487,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device_arg(p)
     _add_parallel_args(p)
+    _add_resume_args(p)
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (("evaluate", cmd_evaluate, "AUROC and accuracy of a checkpoint"),

@@ -495,14 +495,26 @@ class DataLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        n = len(self.images)
-        order = self.rng.permutation(n) if self.shuffle else np.arange(n)
+        order = self.epoch_order()
         for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            if self.shuffle:
-                idx = np.sort(idx)  # sorted gathers are faster; the batch content is unchanged
-            x = self.images[idx]
-            x = self.normalization(x) if self.normalization is not None else x.astype(np.float32)
-            if self.transform is not None:
-                x = self.transform(x, self.rng)
-            yield np.ascontiguousarray(x, dtype=np.float32), self.labels[idx]
+            yield self.batch(order, i)
+
+    def epoch_order(self) -> np.ndarray:
+        """The sample order of the next pass (drawn from ``rng`` when shuffling)."""
+        n = len(self.images)
+        return self.rng.permutation(n) if self.shuffle else np.arange(n)
+
+    def batch(self, order: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batch ``i`` of the pass with sample ``order`` (random transforms draw from ``rng``).
+
+        Iterating is ``order = epoch_order()`` then ``batch(order, i)`` for each ``i``; a
+        resumed training continues a pass from its saved order, batch index and ``rng`` state.
+        """
+        idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+        if self.shuffle:
+            idx = np.sort(idx)  # sorted gathers are faster; the batch content is unchanged
+        x = self.images[idx]
+        x = self.normalization(x) if self.normalization is not None else x.astype(np.float32)
+        if self.transform is not None:
+            x = self.transform(x, self.rng)
+        return np.ascontiguousarray(x, dtype=np.float32), self.labels[idx]

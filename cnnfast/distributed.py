@@ -449,10 +449,20 @@ class ShardedLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for x, y in self.loader:
-            a, b = shard_bounds(len(x), self.comm.size, self.comm.rank)
-            self.fraction = (b - a) / len(x)
-            yield x[a:b], y[a:b]
+        order = self.epoch_order()
+        for i in range(len(self)):
+            yield self.batch(order, i)
+
+    def epoch_order(self) -> np.ndarray:
+        """The global sample order of the next pass (the same on every rank)."""
+        return self.loader.epoch_order()
+
+    def batch(self, order: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's rows of global batch ``i`` (a resumed training starts mid-pass)."""
+        x, y = self.loader.batch(order, i)
+        a, b = shard_bounds(len(x), self.comm.size, self.comm.rank)
+        self.fraction = (b - a) / len(x)
+        return x[a:b], y[a:b]
 
 
 class DataParallel:

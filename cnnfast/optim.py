@@ -61,6 +61,41 @@ class Optimizer:
                       if id(p) in self.state},
         }
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore what :meth:`state_dict` returned (e.g. read back from a file): group
+        hyper-parameters, and per-parameter state copied onto each parameter's device.
+
+        Everything is checked before anything changes: the group count, the parameter positions
+        and that each state array has its parameter's shape; ``ValueError`` otherwise.
+        """
+        order = [p for group in self.param_groups for p in group["params"]]
+        groups = list(state_dict["param_groups"])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{type(self).__name__}.load_state_dict: {len(groups)} parameter "
+                             f"groups given, this optimizer has {len(self.param_groups)}")
+        new_state = {}
+        for index, entries in state_dict["state"].items():
+            index = int(index)
+            if not 0 <= index < len(order):
+                raise ValueError(f"{type(self).__name__}.load_state_dict: state for parameter "
+                                 f"{index}, but there are {len(order)} parameters")
+            p = order[index]
+            restored = {}
+            for key, value in entries.items():
+                if isinstance(value, (int, float, bool)):
+                    restored[key] = value
+                    continue
+                if tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: {key} of "
+                                     f"parameter {index} has shape {tuple(value.shape)}, the "
+                                     f"parameter {tuple(p.shape)}")
+                restored[key] = p.xp.array(value, dtype=p.data.dtype, copy=True)
+            new_state[id(p)] = restored
+        for group, saved in zip(self.param_groups, groups):
+            for key, value in saved.items():
+                group[key] = tuple(value) if isinstance(value, list) else value
+        self.state = new_state
+
 
 class SGD(Optimizer):
     """SGD with optional momentum (PyTorch's form: buf = m * buf + g), nesterov, weight decay."""

@@ -23,6 +23,17 @@ from cnnfast.checkpoint import Checkpoint, CheckpointError, load_checkpoint, sav
 from cnnfast.data import MULTILABEL, DataLoader, MedicalDataset, Normalization, Split
 from cnnfast.metrics import Metrics, evaluate_scores, scores_from_logits
 from cnnfast.models import build_model
+from cnnfast.rng import default_generator
+from cnnfast.state import (
+    TrainingState,
+    TrainingStateError,
+    check_resumable,
+    generator_state,
+    module_generators,
+    set_generator_state,
+    write_state,
+)
+from cnnfast.state import signature as state_signature
 from cnnfast.transforms import RandomFlip
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -223,7 +234,9 @@ def checkpoint_meta(model: nn.Module, dataset: MedicalDataset, config: TrainConf
 
 def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = None,
         checkpoint_path: str | Path | None = None, progress: bool = True,
-        log: Callable[[str], None] | None = None, parallel=None) -> FitResult:
+        log: Callable[[str], None] | None = None, parallel=None,
+        state_path: str | Path | None = None, save_every: int | None = None,
+        resume: TrainingState | None = None) -> FitResult:
     """Train ``model`` on ``dataset.train``, scoring ``dataset.val`` after every epoch.
 
     The weights with the best validation AUROC are kept: written to ``checkpoint_path`` (when
@@ -235,10 +248,20 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
     :func:`cnnfast.distributed.from_environment`) trains data-parallel: ``config.batch_size`` is
     the global batch, each rank runs its shard, gradients are summed over the ranks, validation
     is sharded; only rank 0 shows progress, logs and writes the checkpoint.
+
+    With ``state_path`` the whole training state (:mod:`cnnfast.state`) is written there
+    atomically after every epoch and every ``save_every`` optimizer steps; ``resume`` (a state
+    read back with :func:`cnnfast.state.read_state` and checked against this run's signature)
+    continues from it, ending with the same bits as an uninterrupted run (data-parallel: rank 0
+    writes the state, every rank is given it to resume). A non-finite loss
+    raises ``FloatingPointError`` naming the epoch and step before the step is taken, so the
+    model and the state file keep the last good weights.
     """
     config = config or TrainConfig()
     device = config.device
     check_device(device)
+    if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
+        raise ValueError(f"save_every must be a positive int or None, got {save_every!r}")
     cnnfast.manual_seed(config.seed)  # dropout masks and anything else drawn globally
     model.to(device)
     task = dataset.task
@@ -248,56 +271,70 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
     loss_fn = loss_for(task)
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config)
+    result = FitResult()
+    run = _RunState(model, dataset, config, optimizer, schedule, loader, result, state_path,
+                    parallel)
+    if resume is not None:
+        run.restore(resume)  # before the set-up below, which broadcasts rank 0's state anyway
     if parallel is not None:
         loader = _setup_parallel(parallel, model, optimizer, loader, config)
         progress, log = progress and parallel.is_main, log if parallel.is_main else None
         if not parallel.is_main:
             checkpoint_path = None
-    result = FitResult()
+        if resume is not None:
+            run.restore_global_generator(resume)  # set-up reseeds it per rank
     start = time.perf_counter()
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.epochs * len(loader), disable=not progress, unit="batch",
-               dynamic_ncols=True, leave=False)
+               dynamic_ncols=True, leave=False, initial=run.done_batches())
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(run.epochs_done + 1, config.epochs + 1):
             model.train()
             epoch_start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            total, seen = 0.0, 0
+            order, first = run.take_epoch_position()
+            if order is None:
+                order = loader.epoch_order()
             bar.set_description(f"epoch {epoch}/{config.epochs}")
-            for x, y in loader:
+            for i in range(first, len(loader)):
+                x, y = loader.batch(order, i)
+                buffers = run.copy_buffers()
                 logits = model(cnnfast.tensor(x, device=device))
                 loss = loss_fn(logits, _targets(y, task, device))
+                value = loss.item()
+                if not math.isfinite(value):
+                    run.put_buffers(buffers)  # undo the batch-norm statistics of this batch
+                    raise FloatingPointError(run.diverged_message(value, epoch, i))
                 optimizer.zero_grad()
                 if parallel is None:
                     loss.backward()
                 else:
                     parallel.backward(loss, loader.fraction)
                 optimizer.step()
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"training diverged: loss is {value} in epoch "
-                                             f"{epoch}; try a smaller --lr")
-                total += value * len(x)
-                seen += len(x)
+                run.loss_sum += value * len(x)
+                run.seen += len(x)
+                run.global_step += 1
+                if save_every and run.global_step % save_every == 0 and i + 1 < len(loader):
+                    run.save(epochs_done=epoch - 1, order=order, batches_done=i + 1)
                 bar.update(1)
-                postfix = {"loss": f"{total / seen:.4f}"}
+                postfix = {"loss": f"{run.loss_sum / run.seen:.4f}"}
                 if result.history:
                     postfix["val_auc"] = f"{result.history[-1].val_auc:.4f}"
                 bar.set_postfix(postfix, refresh=False)
             if schedule is not None:
                 schedule.step()
             if parallel is not None:  # the epoch's loss over all ranks' samples
-                total, seen = parallel.sum(total, seen)
+                run.loss_sum, run.seen = parallel.sum(run.loss_sum, run.seen)
             logits = predict_logits(model, dataset.val.images, dataset.normalization,
                                     config.eval_batch_size, device, parallel)
             metrics = evaluate_scores(dataset.val.labels, scores_from_logits(logits, task), task,
                                       dataset.label_names)
-            record = EpochRecord(epoch, total / max(seen, 1),
+            record = EpochRecord(epoch, run.loss_sum / max(run.seen, 1),
                                  numpy_loss(logits, dataset.val.labels, task), metrics.auc,
                                  metrics.acc, lr, time.perf_counter() - epoch_start)
+            run.loss_sum, run.seen = 0.0, 0
             result.history.append(record)
             bar.set_postfix({"loss": f"{record.train_loss:.4f}",
                              "val_auc": f"{record.val_auc:.4f}"})
@@ -311,6 +348,7 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
                         model, dataset, config, epoch=epoch,
                         metrics={"val": metrics.to_dict()},
                         history=result.history_dicts()))
+            run.save(epochs_done=epoch)
             if log is not None:
                 with tqdm.external_write_mode():
                     log(f"epoch {epoch:3d}/{config.epochs}  lr {lr:.2e}  train loss "
@@ -322,6 +360,121 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
     model.load_state_dict(result.best_state)
     result.seconds = time.perf_counter() - start
     return result
+
+
+class _RunState:
+    """Where a :func:`fit` run stands, and its training-state file: captures everything into a
+    :class:`~cnnfast.state.TrainingState` (:meth:`save`) and puts a saved one back
+    (:meth:`restore`)."""
+
+    def __init__(self, model, dataset, config, optimizer, schedule, loader, result,
+                 path: str | Path | None, parallel=None) -> None:
+        self.model, self.config, self.optimizer = model, config, optimizer
+        self.schedule, self.loader, self.result = schedule, loader, result  # single-process
+        self.path = Path(path) if path is not None else None
+        self.parallel = parallel
+        self.writer = parallel is None or parallel.is_main
+        self.signature = state_signature(model, dataset, config) if path is not None else None
+        self.epochs_done = 0
+        self.global_step = 0
+        self.loss_sum, self.seen = 0.0, 0
+        self._order: np.ndarray | None = None
+        self._batches_done = 0
+
+    def done_batches(self) -> int:
+        return self.epochs_done * len(self.loader) + self._batches_done
+
+    def take_epoch_position(self) -> tuple[np.ndarray | None, int]:
+        """The restored (order, first batch) of the epoch in progress, once; else (None, 0)."""
+        position = (self._order, self._batches_done)
+        self._order, self._batches_done = None, 0
+        return position
+
+    def restore_global_generator(self, state: TrainingState) -> None:
+        """The global generator (dropout masks) is rank 0's in the file; data-parallel, ranks
+        other than 0 keep the per-rank stream :meth:`DataParallel.setup` seeded."""
+        if self.writer:
+            set_generator_state(default_generator(), state.rng["global"], "global")
+
+    def copy_buffers(self) -> list:
+        """Copies of the model's buffers (batch-norm running statistics: small)."""
+        return [b.data.copy() for _, b in self.model.named_buffers()]
+
+    def put_buffers(self, copies: list) -> None:
+        for (_, b), saved in zip(self.model.named_buffers(), copies):
+            b.data[...] = saved
+
+    def diverged_message(self, value: float, epoch: int, i: int) -> str:
+        where = f"epoch {epoch}, step {i + 1} of {len(self.loader)} (step {self.global_step + 1} " \
+                "of the run)"
+        kept = ""
+        if self.path is not None and self.path.exists():
+            kept = f"; the last good training state is in {self.path}"
+        return (f"training diverged: the loss is {value} in {where}, before that step was "
+                f"taken{kept}; try a smaller --lr")
+
+    def _rng_states(self) -> dict:
+        return {"global": generator_state(default_generator()),
+                "loader": generator_state(self.loader.rng),
+                "modules": {name: generator_state(g)
+                            for name, g in module_generators(self.model).items()}}
+
+    def save(self, epochs_done: int, order: np.ndarray | None = None,
+             batches_done: int = 0) -> None:
+        """Write the state (rank 0). Data-parallel, every rank calls it at the same step: the
+        running loss of a part-done epoch is summed over the ranks (a collective) first."""
+        if self.path is None:
+            return
+        loss_sum, seen = self.loss_sum, self.seen
+        if self.parallel is not None and order is not None:
+            loss_sum, seen = self.parallel.sum(loss_sum, seen)
+        if not self.writer:
+            return
+        result = self.result
+        state = TrainingState(
+            signature=self.signature, model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            schedule_epoch=self.schedule.last_epoch if self.schedule is not None else None,
+            rng=self._rng_states(), epochs_done=epochs_done, batches_done=batches_done,
+            order=order, loss_sum=loss_sum, seen=seen, global_step=self.global_step,
+            best_epoch=result.best_epoch, best_val_auc=result.best_val_auc,
+            best_state=result.best_state, history=result.history_dicts(),
+            finished=epochs_done >= self.config.epochs)
+        write_state(self.path, state)
+
+    def restore(self, state: TrainingState) -> None:
+        if self.signature is not None:
+            check_resumable(state, self.signature, str(self.path))
+        where = str(self.path or "training state")
+        try:
+            self.model.load_state_dict(state.model, strict=True)
+            self.optimizer.load_state_dict(state.optimizer)
+        except (ValueError, KeyError) as exc:
+            raise TrainingStateError(f"{where}: does not fit this model: {exc}") from None
+        if self.schedule is not None and state.schedule_epoch is not None:
+            self.schedule.last_epoch = int(state.schedule_epoch)
+            self.schedule._apply()
+        self.restore_global_generator(state)
+        set_generator_state(self.loader.rng, state.rng["loader"], "of the data loader")
+        generators = module_generators(self.model)
+        for name, saved in state.rng.get("modules", {}).items():
+            if name not in generators:
+                raise TrainingStateError(f"{where}: no random generator {name} in this model")
+            set_generator_state(generators[name], saved, name)
+        self.epochs_done = state.epochs_done
+        self.global_step = state.global_step
+        self.loss_sum, self.seen = state.loss_sum, state.seen
+        if not self.writer:  # the saved sums are over all ranks: rank 0 carries them on
+            self.loss_sum, self.seen = 0.0, 0
+        if state.order is not None:
+            if len(state.order) != len(self.loader.images):
+                raise TrainingStateError(f"{where}: its sample order has {len(state.order)} "
+                                         f"entries, the training split {len(self.loader.images)}")
+            self._order, self._batches_done = state.order, state.batches_done
+        result = self.result
+        result.history = [EpochRecord(**r) for r in state.history]
+        result.best_epoch, result.best_val_auc = state.best_epoch, state.best_val_auc
+        result.best_state = state.best_state
 
 
 def _setup_parallel(parallel, model: nn.Module, optimizer, loader: DataLoader,
