@@ -83,7 +83,8 @@ def _load_data(args: argparse.Namespace):
                         root=getattr(args, "data_root", None),
                         base_url=getattr(args, "base_url", None),
                         progress=not getattr(args, "no_progress", False),
-                        seed=getattr(args, "data_seed", 0))
+                        seed=getattr(args, "data_seed", 0),
+                        num_classes=getattr(args, "num_classes", None))
 
 
 def _check_writable(out: Path) -> None:
@@ -119,6 +120,10 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="download from this URL instead of the MedMNIST Zenodo record")
     p.add_argument("--data-seed", type=int, default=0, metavar="N",
                    help="seed of a synthetic dataset (default 0)")
+    p.add_argument("--num-classes", type=_positive_int, default=None, metavar="K",
+                   help="classes of a single-label .npz whose task is not known (labels "
+                        "0..K-1, some possibly absent from train); otherwise every class must "
+                        "occur in train")
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:

@@ -17,14 +17,15 @@ import os
 import re
 import urllib.error
 import urllib.request
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from cnnfast import datacheck
 from cnnfast._io import atomic_write
+from cnnfast._npz import NpzError, read_npz
 from cnnfast.dataset import (  # noqa: F401 - re-exported: data.py was their home before
     BINARY,
     MULTICLASS,
@@ -209,21 +210,28 @@ def check_labels(labels: np.ndarray, task: str, n_outputs: int, what: str = "lab
         top = n_outputs - 1
     if labels.size and (labels.min() < 0 or labels.max() > top):
         bad = labels[(labels < 0) | (labels > top)][0]
-        raise DataError(f"{what}: label {bad} out of range: {task} labels must lie in 0..{top}")
+        found = np.unique(labels)
+        shown = ", ".join(str(v) for v in found[:20].tolist()) + (", ..." if len(found) > 20
+                                                                   else "")
+        raise DataError(f"{what}: label {bad} out of range: {task} labels must lie in "
+                        f"0..{top} (values found: {shown})")
     return labels
 
 
 def from_arrays(arrays: dict[str, np.ndarray], task: str | None = None,
                 label_names: Sequence[str] | None = None, name: str = "dataset",
                 spatial_dims: int | None = None, source: str = "arrays",
-                normalization: Normalization | None = None, synthetic: bool = False
-                ) -> MedicalDataset:
+                normalization: Normalization | None = None, synthetic: bool = False,
+                num_classes: int | None = None) -> MedicalDataset:
     """Build a checked :class:`MedicalDataset` from MedMNIST-style arrays.
 
     ``arrays`` holds ``{split}_images`` (MedMNIST layout, see :func:`channels_first`) and
     ``{split}_labels`` (``N x L``) for the three splits. ``task`` and ``label_names`` are inferred
-    from the labels when not given.
+    from the labels when not given, strictly (:mod:`cnnfast.datacheck`: binary 0/1, or classes
+    0..K-1 all present in train unless ``num_classes`` K is given). Images must be non-empty,
+    finite and of a supported dtype; any failure raises :class:`DataError`.
     """
+
     missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")
                if f"{s}_{k}" not in arrays]
     if missing:
@@ -233,11 +241,13 @@ def from_arrays(arrays: dict[str, np.ndarray], task: str | None = None,
     images = {}
     for s in SPLITS:
         img = np.asarray(arrays[f"{s}_images"])
-        if img.dtype.kind not in "uif" or img.dtype == np.float16:
-            raise DataError(f"{source}: {s}_images has dtype {img.dtype}; expected uint8 or "
-                            "float32/float64")
+        datacheck.check_images(img, s, source)
         images[s] = channels_first(img, spatial_dims, what=f"{source}: {s}_images")
-        n_labels = len(arrays[f"{s}_labels"])
+        lab = np.asarray(arrays[f"{s}_labels"])
+        if lab.ndim not in (1, 2) or lab.dtype.kind not in "biuf":
+            raise DataError(f"{source}: {s}_labels must be N x L numbers, got shape {lab.shape} "
+                            f"of dtype {lab.dtype}")
+        n_labels = len(lab)
         if len(images[s]) != n_labels:
             raise DataError(f"{source}: {s}_images has {len(images[s])} images but {s}_labels has "
                             f"{n_labels} labels")
@@ -251,19 +261,10 @@ def from_arrays(arrays: dict[str, np.ndarray], task: str | None = None,
     if any(lab.ndim != 2 for lab in raw_labels):
         raise DataError(f"{source}: labels must be N x L, got shapes "
                         f"{[lab.shape for lab in raw_labels]}")
-    if task is None:
-        task = infer_task(raw_labels)
-    if task not in TASKS:
+    if task is not None and task not in TASKS:
         raise DataError(f"{source}: task must be one of {TASKS}, got {task!r}")
-    if label_names is None:
-        if task == MULTILABEL:
-            n = raw_labels[0].shape[1]
-        elif task == BINARY:
-            n = 2
-        else:
-            n = max(int(lab.max()) if lab.size else 0 for lab in raw_labels) + 1
-        label_names = [str(i) for i in range(n)]
-    label_names = [str(n) for n in label_names]
+    task, label_names = datacheck.resolve_task(dict(zip(SPLITS, raw_labels)), task, label_names,
+                                               num_classes, source)
     if task == BINARY and len(label_names) != 2:
         raise DataError(f"{source}: a binary task needs 2 label names, got {len(label_names)}")
     labels = {s: check_labels(lab, task, len(label_names), what=f"{source}: {s}_labels")
@@ -275,35 +276,42 @@ def from_arrays(arrays: dict[str, np.ndarray], task: str | None = None,
 
 
 def load_npz(path: str | os.PathLike, task: str | None = None,
-             label_names: Sequence[str] | None = None, spatial_dims: int | None = None
-             ) -> MedicalDataset:
+             label_names: Sequence[str] | None = None, spatial_dims: int | None = None,
+             num_classes: int | None = None, max_bytes: int | None = None) -> MedicalDataset:
     """Load a MedMNIST-style ``.npz`` into channels-first splits.
 
     The task and label names come, in order of preference, from the arguments, from ``task`` /
     ``label_names`` arrays stored in the file, from the MedMNIST registry when the file name is a
     MedMNIST name (``pneumoniamnist.npz``, ``nodulemnist3d_64.npz``), or from the labels.
-    Raises :class:`DataError` (a ``ValueError``) for a missing or malformed file.
+    ``num_classes`` gives the class count of a single-column file whose task is not known.
+    Raises :class:`DataError` (a ``ValueError``) for a missing or malformed file; the file is
+    read by :func:`cnnfast._npz.read_npz`, which checks every declared size against the file and
+    ``max_bytes`` (default: physical memory) before allocating.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        arrays = read_npz(path, max_bytes=max_bytes)
+    except NpzError as exc:
+        raise DataError(str(exc)) from None
+    except OSError as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from None
     stem = re.sub(r"_(64|128|224)$", "", path.stem.lower())
     info = MEDMNIST.get(stem)
     if task is None and "task" in arrays:
         task = str(arrays["task"])
     if label_names is None and "label_names" in arrays:
+        if arrays["label_names"].ndim != 1:
+            raise DataError(f"{path}: label_names must be a list of names, got shape "
+                            f"{arrays['label_names'].shape}")
         label_names = [str(n) for n in arrays["label_names"]]
     if info is not None:
         task = task or info.task
         label_names = label_names or info.label_names
         spatial_dims = spatial_dims or info.spatial_dims
     return from_arrays(arrays, task=task, label_names=label_names, name=path.stem,
-                       spatial_dims=spatial_dims, source=str(path))
+                       spatial_dims=spatial_dims, source=str(path), num_classes=num_classes)
 
 
 def save_npz(path: str | os.PathLike, dataset: MedicalDataset) -> Path:
@@ -429,22 +437,25 @@ def _fetch(url: str, out, progress: bool, timeout: float, desc: str) -> None:
 
 def load_dataset(spec: str | os.PathLike, size: int | None = None,
                  root: str | os.PathLike | None = None, download_missing: bool = True,
-                 base_url: str | None = None, progress: bool = True, seed: int = 0
-                 ) -> MedicalDataset:
+                 base_url: str | None = None, progress: bool = True, seed: int = 0,
+                 num_classes: int | None = None) -> MedicalDataset:
     """A dataset from a ``.npz`` path, a MedMNIST name, or a synthetic name.
 
     ``spec`` is a path to an existing file (or any name ending in ``.npz``); a MedMNIST name such
     as ``"pneumoniamnist"`` or ``"nodulemnist3d_64"`` (looked up in ``root``, downloaded when
     missing and ``download_missing``); or ``"synthetic-nodule2d"``, ``"synthetic-nodule3d"``,
     ``"synthetic-chestxray"`` (generated from ``seed``, see :mod:`cnnfast.synthetic`).
+    ``num_classes`` is passed to :func:`load_npz`.
     """
     text = str(spec)
     if text.startswith("synthetic"):
+        if num_classes is not None:
+            raise DataError(f"num_classes does not apply to the built-in {text}")
         from cnnfast import synthetic
 
         return synthetic.load(text, seed=seed, size=size)
     if text.endswith(".npz") or os.sep in text or Path(text).exists():
-        return load_npz(text)
+        return load_npz(text, num_classes=num_classes)
     info, size = parse_name(text, size)
     path = (Path(root) if root is not None else default_root()) / info.filename(size)
     if not path.is_file():
@@ -452,7 +463,7 @@ def load_dataset(spec: str | os.PathLike, size: int | None = None,
             raise DataError(f"{path} not found; download it with download({info.name!r}, "
                             f"size={size})")
         path = download(info.name, size, root=root, base_url=base_url, progress=progress)
-    return load_npz(path)
+    return load_npz(path, num_classes=num_classes)
 
 
 # --- batches ------------------------------------------------------------------------------------

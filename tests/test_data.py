@@ -50,6 +50,8 @@ def _arrays(shape=(6, 6), n=(5, 3, 4), labels_per=1, top=1, dtype=np.uint8, seed
         lab = rng.integers(0, top + 1, (count, labels_per))
         lab[0] = 0
         lab[1] = top  # every split holds both extremes
+        if split == "train" and labels_per == 1:
+            lab[:min(count, top + 1), 0] = np.arange(min(count, top + 1))  # every class
         arrays[f"{split}_labels"] = lab
     return arrays
 
