@@ -131,9 +131,12 @@ def decode(raw: bytes, source: str = "checkpoint") -> Checkpoint:
                        f"{len(raw)} bytes in all")
     try:
         header = json.loads(raw[_PREFIX.size:header_end].decode("utf-8"))
-        payload_nbytes = int(header["payload_nbytes"])
+        payload_nbytes = header["payload_nbytes"]
         tensors = header["tensors"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        if not _is_count(payload_nbytes) or not isinstance(tensors, list):
+            raise TypeError("payload_nbytes and tensors")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+            RecursionError):  # RecursionError: a deeply nested header
         _raise_damaged(raw, source, "unreadable header")
     expected = header_end + payload_nbytes + _DIGEST_BYTES
     if len(raw) < expected:
@@ -148,13 +151,39 @@ def decode(raw: bytes, source: str = "checkpoint") -> Checkpoint:
     state = OrderedDict()
     payload = memoryview(raw)[header_end:header_end + payload_nbytes]
     for t in tensors:
-        dtype = np.dtype(t["dtype"]).newbyteorder("<")
-        count = int(np.prod(t["shape"], dtype=np.int64))
-        if t["dtype"] not in _DTYPES or t["offset"] + count * dtype.itemsize > payload_nbytes:
-            raise CheckpointError(f"{source}: tensor {t['name']!r} does not fit the payload")
-        arr = np.frombuffer(payload, dtype=dtype, count=count, offset=t["offset"])
-        state[t["name"]] = arr.reshape(t["shape"]).astype(dtype.newbyteorder("="), copy=True)
+        name, dtype, shape, offset, nbytes = _tensor_entry(t, payload_nbytes, source)
+        if name in state:
+            raise CheckpointError(f"{source}: tensor {name!r} appears twice")
+        arr = np.frombuffer(payload, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+        state[name] = arr.reshape(shape).astype(dtype.newbyteorder("="), copy=True)
     return Checkpoint(state, header)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_entry(t, payload_nbytes: int, source: str):
+    """Validate one header entry (checksummed, but written by anyone): name, dtype, shape,
+    offset and size must be well-formed and lie inside the payload before anything is read."""
+    if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+        raise CheckpointError(f"{source}: invalid tensor entry in the header: {str(t)[:80]}")
+    name = t["name"]
+    if t.get("dtype") not in _DTYPES:
+        raise CheckpointError(f"{source}: tensor {name!r} has dtype {str(t.get('dtype'))[:40]}; "
+                              f"a checkpoint holds {', '.join(_DTYPES)}")
+    shape, offset, nbytes = t.get("shape"), t.get("offset"), t.get("nbytes")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape) \
+            or not _is_count(offset) or not _is_count(nbytes):
+        raise CheckpointError(f"{source}: tensor {name!r} has an invalid shape, offset or size "
+                              f"({str(shape)[:40]}, {str(offset)[:20]}, {str(nbytes)[:20]})")
+    dtype = np.dtype(t["dtype"]).newbyteorder("<")
+    count = 1
+    for s in shape:
+        count *= s
+    if count * dtype.itemsize != nbytes or offset + nbytes > payload_nbytes:
+        raise CheckpointError(f"{source}: tensor {name!r} does not fit the payload")
+    return name, dtype, tuple(shape), offset, nbytes
 
 
 def _raise_damaged(raw: bytes, source: str, what: str):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
 import re
 import urllib.error
@@ -49,6 +50,7 @@ class DownloadError(RuntimeError):
 # at the MedMNIST+ Zenodo record 10519652 (sizes 28, 64, 128, 224; 3D sets have 28 and 64 only).
 
 MEDMNIST_URL = "https://zenodo.org/records/10519652/files"
+MAX_DOWNLOAD_BYTES = 32 << 30  # above the largest MedMNIST+ file (a few GB); stops endless bodies
 _ORGAN_LABELS = ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right",
                  "liver", "lung-left", "lung-right", "pancreas", "spleen")
 
@@ -373,14 +375,15 @@ def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def download(name: str, size: int | None = None, root: str | os.PathLike | None = None,
              base_url: str | None = None, progress: bool = True, timeout: float = 30.0,
-             md5: str | None = None) -> Path:
+             md5: str | None = None, max_bytes: int = MAX_DOWNLOAD_BYTES) -> Path:
     """Download a MedMNIST ``.npz`` by dataset name (``"pneumoniamnist"``, size 28/64/128/224).
 
     The file goes to ``root`` (default :func:`default_root`) through a temporary file that is
     renamed only once its MD5 matches the MedMNIST record. An existing file is returned as is.
     ``base_url`` (or ``$CNNFAST_MEDMNIST_URL``) replaces the Zenodo record URL, e.g. for a mirror;
-    ``md5`` overrides the expected checksum. Raises :class:`DownloadError` when offline, on an
-    HTTP error, or on a checksum mismatch.
+    ``md5`` overrides the expected checksum. A response larger than ``max_bytes`` (declared or
+    streamed) is abandoned. Raises :class:`DownloadError` when offline, on an HTTP error, a
+    broken connection, an oversized response or a checksum mismatch; nothing is left behind.
     """
     info, size = parse_name(name, size)
     root = Path(root) if root is not None else default_root()
@@ -395,7 +398,8 @@ def download(name: str, size: int | None = None, root: str | os.PathLike | None 
     ok = False
     try:
         with atomic_write(target, suffix=".part") as tmp:
-            _fetch(url, tmp, progress=progress, timeout=timeout, desc=target.name)
+            _fetch(url, tmp, progress=progress, timeout=timeout, desc=target.name,
+                   max_bytes=max_bytes)
             tmp.flush()
             got = md5sum(tmp.name)
             if got != expected:  # raising inside the block keeps nothing under either name
@@ -407,7 +411,7 @@ def download(name: str, size: int | None = None, root: str | os.PathLike | None 
         raise DownloadError(f"could not download {target.name} from {url}: the server answered "
                             f"HTTP {exc.code} {exc.reason}; check the dataset name and size, or "
                             "--base-url") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise DownloadError(
             f"could not download {target.name} from {url}: {reason}. If this machine is offline, "
@@ -421,16 +425,29 @@ def download(name: str, size: int | None = None, root: str | os.PathLike | None 
     return target
 
 
-def _fetch(url: str, out, progress: bool, timeout: float, desc: str) -> None:
-    """Stream ``url`` into the open binary file ``out`` with a tqdm bar."""
+def _fetch(url: str, out, progress: bool, timeout: float, desc: str, max_bytes: int) -> None:
+    """Stream ``url`` into the open binary file ``out`` with a tqdm bar; refuse a response that
+    says, or turns out, to be larger than ``max_bytes``."""
     from tqdm.auto import tqdm
 
     request = urllib.request.Request(url, headers={"User-Agent": "cnnfast"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        total = response.headers.get("Content-Length")
-        with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
-                  unit_divisor=1024, desc=desc, disable=not progress, leave=False) as bar:
+        try:  # a missing or malformed Content-Length only costs the bar its total
+            total = int(response.headers.get("Content-Length"))
+        except (TypeError, ValueError):
+            total = None
+        total = total if total is not None and total >= 0 else None
+        if total is not None and total > max_bytes:
+            raise DownloadError(f"{url} announces {total:,} bytes, more than the {max_bytes:,} "
+                                "bytes allowed; nothing was kept")
+        done = 0
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                  disable=not progress, leave=False) as bar:
             for block in iter(lambda: response.read(1 << 16), b""):
+                done += len(block)
+                if done > max_bytes:
+                    raise DownloadError(f"{url} sent more than the {max_bytes:,} bytes allowed; "
+                                        "nothing was kept")
                 out.write(block)
                 bar.update(len(block))
 
