@@ -430,10 +430,29 @@ def test_download_of_an_endless_body_stops_at_max_bytes(tmp_path, monkeypatch):
 
 # --- a longer campaign: python tests/test_fuzz.py --seconds 600 -------------------------------
 
+class _TimeUp(Exception):
+    """Ends a campaign target's hypothesis run at its deadline."""
+
+
+def _campaign_step(check, count: list, seen: list, deadline: float):
+    import tempfile
+    import time
+
+    def run(value):
+        if time.monotonic() > deadline:
+            raise _TimeUp
+        count[0] += 1
+        with tempfile.TemporaryDirectory(prefix="cnnfast-fuzz-") as tmp:
+            try:
+                check(value, Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - a finding: record it, go on
+                seen.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+    return run
+
+
 def _campaign(seconds: float) -> int:
     """Run each target for ``seconds / 3`` with fresh randomness; print executions and the
     distinct failures (findings). Returns how many distinct findings there were."""
-    import tempfile
     import time
 
     from hypothesis import Phase
@@ -445,23 +464,17 @@ def _campaign(seconds: float) -> int:
     for name, strategy, check in targets:
         count, seen = [0], []
         deadline = time.monotonic() + seconds / len(targets)
-
-        def run(value, check=check, count=count, seen=seen, deadline=deadline):
-            if time.monotonic() > deadline:
-                return
-            count[0] += 1
-            with tempfile.TemporaryDirectory(prefix="cnnfast-fuzz-") as tmp:
-                try:
-                    check(value, Path(tmp))
-                except Exception as exc:  # noqa: BLE001 - a finding: record it, go on
-                    seen.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+        run = _campaign_step(check, count, seen, deadline)
 
         runner = settings(max_examples=10**9, deadline=None, database=None, derandomize=False,
                           phases=[Phase.generate],
                           suppress_health_check=list(HealthCheck))(given(strategy)(run))
         started = time.monotonic()
         while time.monotonic() < deadline:
-            runner()
+            try:
+                runner()
+            except _TimeUp:
+                break
         distinct = sorted(set(seen))
         findings += len(distinct)
         print(f"{name}: {count[0]} executions in {time.monotonic() - started:.0f} s, "
