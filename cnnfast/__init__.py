@@ -9,7 +9,7 @@ Importing cnnfast is cheap: NumPy only. Kernel paths (Numba, CuPy) load on first
 from cnnfast import functional, nn, optim
 from cnnfast.dispatch import cpu_path, cuda_available, get_cpu_path, set_cpu_path
 from cnnfast.rng import manual_seed
-from cnnfast.tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
+from cnnfast.tensor import Tensor, enable_grad, from_dlpack, is_grad_enabled, no_grad, tensor
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "cpu_path",
     "cuda_available",
     "enable_grad",
+    "from_dlpack",
     "functional",
     "get_cpu_path",
     "is_grad_enabled",

@@ -215,3 +215,88 @@ def build_model(config: dict) -> nn.Module:
         return MODELS[name](**config.get("kwargs", {}))
     except TypeError as exc:
         raise ValueError(f"bad arguments for model {name!r}: {exc}") from None
+
+
+# --- PyTorch state dicts ------------------------------------------------------------------------
+
+# torchvision's ResNet names the stem and the projection shortcut differently; everything else
+# (layer1.0.conv1.weight, bn running statistics, fc.*) is named alike.
+_TORCHVISION_RESNET_NAMES = (("stem.0.", "conv1."), ("stem.1.", "bn1."),
+                             (".shortcut.", ".downsample."))
+_TORCH_ONLY_SUFFIX = ".num_batches_tracked"  # batch-norm step counter cnnfast does not keep
+
+
+def _as_numpy(value, name: str) -> np.ndarray:
+    """A NumPy copy of a torch tensor (any device, requiring grad or not) or an array-like."""
+    if type(value).__module__.startswith("torch"):
+        value = value.detach().cpu().numpy()
+    elif hasattr(value, "numpy") and not isinstance(value, np.ndarray):
+        value = value.numpy()
+    try:
+        return np.array(value, copy=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"state dict entry {name!r}: expected a torch tensor or a NumPy array, "
+                        f"got {type(value).__name__} ({exc})") from None
+
+
+def _rename(name: str, model: nn.Module, to_torchvision: bool) -> str:
+    """A ResNet entry's name in torchvision's naming (or back); other models' names unchanged.
+    Prefixes (``stem.0.``) match only at the start, infixes (``.shortcut.``) anywhere."""
+    if not isinstance(model, ResNet):
+        return name
+    for ours, theirs in _TORCHVISION_RESNET_NAMES:
+        old, new = (ours, theirs) if to_torchvision else (theirs, ours)
+        if old.startswith("."):
+            name = name.replace(old, new)
+        elif name.startswith(old):
+            name = new + name[len(old):]
+    return name
+
+
+def from_torch_state_dict(model: nn.Module, state_dict, strict: bool = True) -> nn.Module:
+    """Load a PyTorch ``state_dict`` (name -> ``torch.Tensor`` or NumPy array) into ``model``.
+
+    Names are cnnfast's (``model.state_dict()``'s keys); for a ResNet, torchvision's names
+    (``conv1``/``bn1`` for the stem, ``downsample`` for the projection shortcut) are accepted as
+    well. PyTorch's ``*.num_batches_tracked`` counters are dropped (cnnfast's batch norm uses a
+    fixed momentum). Tensors may live on any torch device and require grad; torch itself is never
+    imported here. Everything is checked before anything is written (see
+    :meth:`cnnfast.nn.Module.load_state_dict`): a missing, unexpected or mis-shaped entry raises
+    ``ValueError`` and leaves the model untouched. Returns ``model``.
+    """
+    if not hasattr(state_dict, "items"):
+        raise TypeError(f"state_dict: expected a mapping of name -> tensor, got "
+                        f"{type(state_dict).__name__}")
+    converted = {}
+    for name, value in state_dict.items():
+        if str(name).endswith(_TORCH_ONLY_SUFFIX):
+            continue
+        converted[_rename(str(name), model, to_torchvision=False)] = _as_numpy(value, str(name))
+    model.load_state_dict(converted, strict=strict)
+    return model
+
+
+def to_torch_state_dict(model: nn.Module, torchvision_names: bool = False,
+                        as_numpy: bool = False) -> dict:
+    """``model``'s parameters and buffers as a PyTorch ``state_dict`` for the equivalent torch
+    module: ``{name: torch.Tensor}`` (CPU copies), with a ``num_batches_tracked`` counter (0)
+    beside each batch norm's running statistics so ``torch_module.load_state_dict(sd)`` is strict-
+    clean. ``torchvision_names=True`` renames a ResNet's entries to torchvision's (``conv1``,
+    ``bn1``, ``downsample``). ``as_numpy=True`` returns NumPy arrays and needs no torch; otherwise
+    torch is imported now (``ImportError`` with a hint when it is missing).
+    """
+    state = {}
+    for name, value in model.state_dict().items():
+        if torchvision_names:
+            name = _rename(name, model, to_torchvision=True)
+        state[name] = value
+        if name.endswith(".running_var"):
+            state[name[:-len(".running_var")] + _TORCH_ONLY_SUFFIX] = np.array(0, np.int64)
+    if as_numpy:
+        return state
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("to_torch_state_dict needs PyTorch (pip install torch), or pass "
+                          "as_numpy=True for NumPy arrays") from None
+    return {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in state.items()}

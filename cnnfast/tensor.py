@@ -113,6 +113,24 @@ class Tensor:
             return self.data.get()
         return self.data
 
+    # --- DLPack (zero-copy exchange with NumPy, CuPy, PyTorch, ...) --------------------------
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        """Export the data as a DLPack capsule that shares its memory (the array API protocol).
+
+        The consumer sees this tensor's array itself (a NumPy array on ``cpu``, a CuPy array on
+        ``cuda``): writes through either side are seen by the other. Gradients and the graph do
+        not travel. Only the keywords a caller actually gives are passed on, so older NumPy and
+        CuPy versions keep working for the common call ``__dlpack__()``.
+        """
+        given = {"stream": stream, "max_version": max_version, "dl_device": dl_device,
+                 "copy": copy}
+        return self.data.__dlpack__(**{k: v for k, v in given.items() if v is not None})
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        """``(device_type, device_id)`` of the data: ``(1, 0)`` for host memory, ``(2, id)`` for
+        a CUDA device."""
+        return self.data.__dlpack_device__()
+
     def item(self) -> float:
         if self.size != 1:
             raise ValueError(f"item(): tensor has {self.size} elements, expected exactly 1")
@@ -380,6 +398,39 @@ def as_tensor(x, device: str | None = None, name: str = "input") -> Tensor:
         return Tensor(np.asarray(x) if isinstance(x, (list, tuple, float, int)) else x,
                       device=device)
     raise TypeError(f"{name}: expected a Tensor or a NumPy/CuPy array, got {type(x).__name__}")
+
+
+_DLPACK_CPU, _DLPACK_CUDA = 1, 2  # DLDeviceType codes (kDLCPU, kDLCUDA)
+
+
+def from_dlpack(x, requires_grad: bool = False) -> Tensor:
+    """A Tensor sharing memory with ``x``, any object with ``__dlpack__`` and
+    ``__dlpack_device__`` (a NumPy or CuPy array, a PyTorch tensor, another framework's array).
+
+    Host memory becomes a ``cpu`` tensor over a NumPy view, CUDA memory a ``cuda`` tensor over a
+    CuPy view; nothing is copied, so writes on either side are seen by the other. A PyTorch
+    tensor that requires grad must be ``.detach()``-ed first (PyTorch refuses to export it).
+    Raises ``TypeError`` for an object without the protocol and ``ValueError`` for memory on a
+    device cnnfast does not run on.
+    """
+    if isinstance(x, Tensor):
+        return x
+    if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
+        raise TypeError(f"from_dlpack: expected an object with __dlpack__ and __dlpack_device__ "
+                        f"(a NumPy/CuPy array, a PyTorch tensor, ...), got {type(x).__name__}")
+    device_type = int(x.__dlpack_device__()[0])
+    if device_type == _DLPACK_CPU:
+        data = np.from_dlpack(x)
+        device = "cpu"
+    elif device_type == _DLPACK_CUDA:
+        import cupy  # a CUDA producer means CuPy's world; imported only now
+
+        data = cupy.from_dlpack(x)
+        device = "cuda"
+    else:
+        raise ValueError(f"from_dlpack: memory on DLPack device type {device_type} is not "
+                         f"supported (expected {_DLPACK_CPU}: CPU or {_DLPACK_CUDA}: CUDA)")
+    return Tensor(data, requires_grad=requires_grad, device=device)
 
 
 def tensor(data, requires_grad: bool = False, device: str = "cpu", dtype=None) -> Tensor:
