@@ -13,12 +13,22 @@ from cnnfast.tensor import Tensor, enable_grad, from_dlpack, is_grad_enabled, no
 
 __version__ = "0.1.0"
 
+
+def export_onnx(model, path, input_shape, **kwargs):
+    """Write ``model`` as an ONNX file; see :func:`cnnfast.export.export_onnx` (``onnx`` is
+    imported only now)."""
+    from cnnfast.export import export_onnx as _export
+
+    return _export(model, path, input_shape, **kwargs)
+
+
 __all__ = [
     "Tensor",
     "__version__",
     "cpu_path",
     "cuda_available",
     "enable_grad",
+    "export_onnx",
     "from_dlpack",
     "functional",
     "get_cpu_path",

@@ -1,5 +1,5 @@
-"""The ``cnnfast`` command line: ``demo``, ``train``, ``evaluate``, ``plot``, ``download`` and
-``bench``.
+"""The ``cnnfast`` command line: ``demo``, ``train``, ``evaluate``, ``plot``, ``download``,
+``export``, ``predict`` and ``bench``.
 
 Every command checks its inputs (data file, checkpoint, device) before it writes anything; a bad
 input ends with one line ``cnnfast <command>: error: ...`` on stderr and exit status 2.
@@ -500,6 +500,41 @@ def cmd_bench(argv: Sequence[str]) -> int:
     return int(result or 0)
 
 
+# --- export and predict (models leaving cnnfast) ------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cnnfast.export import ExportError, export_checkpoint
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a directory; give a file name such as model.onnx")
+    try:
+        path = export_checkpoint(args.checkpoint, out, opset=args.opset)
+    except ImportError as exc:
+        raise CLIError(str(exc)) from None
+    except ExportError as exc:
+        raise CLIError(f"cannot export {args.checkpoint}: {exc}") from None
+    print(f"ONNX model written to {path} (opset {args.opset}; input: raw images N x C x ..., "
+          f"float32; output: class probabilities)")
+    return 0
+
+
+def _add_border_parsers(sub) -> None:
+    """``export`` (ONNX) and ``predict``: their own parsers, kept apart from training's."""
+    p = sub.add_parser("export", help="export a checkpoint as an ONNX model",
+                       description="Write a checkpoint as an ONNX model that takes raw images "
+                                   "(N x C x spatial, float32, as the .npz stores them), applies "
+                                   "the checkpoint's normalisation and returns class "
+                                   "probabilities (softmax; sigmoid for multi-label tasks). "
+                                   "Needs pip install 'cnnfast[onnx]'.")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="a checkpoint written by cnnfast train or demo")
+    p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
+    p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (>= 17; default "
+                                                                   "17)")
+    p.set_defaults(func=cmd_export)
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -602,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default=None, metavar="URL")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_download)
+
+    _add_border_parsers(sub)
 
     sub.add_parser("bench", help="kernel benchmarks (cnnfast.bench; see cnnfast bench --help)",
                    add_help=False)

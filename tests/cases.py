@@ -51,3 +51,18 @@ class PoolCase(NamedTuple):
     @property
     def args(self):
         return self.kernel, self.stride, self.padding
+
+
+def randomize_batch_norm(model, seed: int = 0) -> None:
+    """Give every batch norm of a cnnfast model random running statistics and affine weights, so
+    that a comparison in evaluation mode really exercises them (fresh ones are the identity)."""
+    from cnnfast.nn.layers import _BatchNorm
+
+    rng = np.random.default_rng(seed)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            c = m.num_features
+            m.running_mean.data[...] = rng.normal(0.0, 0.3, c)
+            m.running_var.data[...] = rng.uniform(0.5, 2.0, c)
+            m.weight.data[...] = rng.uniform(0.5, 1.5, c)
+            m.bias.data[...] = rng.normal(0.0, 0.2, c)

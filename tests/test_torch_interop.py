@@ -9,7 +9,8 @@ import cnnfast
 from cnnfast.models import SmallCNN, from_torch_state_dict, resnet18, to_torch_state_dict
 
 torch = pytest.importorskip("torch")
-from torch_models import randomize_batch_norm, torch_twin  # noqa: E402 - needs torch
+from cases import randomize_batch_norm  # noqa: E402
+from torch_models import torch_twin  # noqa: E402 - needs torch
 
 pytestmark = pytest.mark.torch
 

@@ -97,20 +97,3 @@ def torch_twin(model):
                              kw["channels"], kw["batch_norm"], kw["dropout"])
     return TorchResNet(kw["in_channels"], kw["num_classes"], kw["spatial_dims"], kw["width"],
                        kw["stem"], kw.get("blocks", (2, 2, 2, 2)))
-
-
-def randomize_batch_norm(model, seed: int = 0) -> None:
-    """Give every batch norm of a cnnfast model random running statistics and affine weights,
-    so that a comparison in eval mode really exercises them."""
-    import numpy as np
-
-    from cnnfast.nn.layers import _BatchNorm
-
-    rng = np.random.default_rng(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            c = m.num_features
-            m.running_mean.data[...] = rng.normal(0.0, 0.3, c)
-            m.running_var.data[...] = rng.uniform(0.5, 2.0, c)
-            m.weight.data[...] = rng.uniform(0.5, 1.5, c)
-            m.bias.data[...] = rng.normal(0.0, 0.2, c)
