@@ -474,8 +474,26 @@ def cmd_plot(args: argparse.Namespace) -> int:
                          args.batch_size, args.device)
     plots = viz.plot_all(model, dataset, scores, ckpt.header.get("history"), out,
                          normalization=norm, index=args.index)
+    if args.gradcam:
+        plots["gradcam"] = _plot_gradcam(model, dataset, scores, norm, args, out)
     print("plots: " + "\n       ".join(str(p) for p in plots.values()))
     return 0
+
+
+def _plot_gradcam(model, dataset, scores, norm, args, out: Path) -> Path:
+    """gradcam.png: heatmaps of the predicted class over the first --gradcam test images."""
+    import cnnfast
+    from cnnfast import viz
+
+    n = min(args.gradcam, len(dataset.test))
+    images = dataset.test.images[:n]
+    heat = viz.grad_cam(model, cnnfast.tensor(norm(images), device=args.device))
+    titles = viz.gradcam_titles(dataset.test.labels[:n], scores[:n], dataset.label_names,
+                                dataset.task == "multi-label, binary-class")
+    note = " (middle slices)" if dataset.spatial_dims == 3 else ""
+    return viz.plot_gradcam(images, heat, out / "gradcam.png", titles,
+                            title=f"Grad-CAM of the predicted class, {dataset.name} test "
+                                  f"images{note}")
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -519,6 +537,76 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import warnings
+
+    from cnnfast.checkpoint import CheckpointError, load_checkpoint
+    from cnnfast.data import Normalization
+    from cnnfast.predict import load_inputs, predict_probabilities, write_csv
+    from cnnfast.train import model_from_checkpoint
+
+    _check_device(args.device)
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a directory; give a file name such as preds.csv")
+    if args.gradcam:
+        _check_writable(Path(args.gradcam))
+    ckpt = load_checkpoint(args.checkpoint)
+    kwargs = ckpt.model_config.get("kwargs", {})
+    data_info = ckpt.header.get("data", {})
+    if "image_shape" not in data_info:
+        raise CheckpointError(f"{args.checkpoint}: its header records no image shape "
+                              f"(data.image_shape), which predict needs")
+    model = model_from_checkpoint(ckpt, device=args.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inputs = load_inputs(args.data, args.split,
+                             int(data_info.get("in_channels", kwargs.get("in_channels", 1))),
+                             data_info["image_shape"], load_dataset=lambda _: _load_data(args))
+    for w in caught:
+        print(f"cnnfast predict: warning: {w.message}", file=sys.stderr)
+    norm = (Normalization.from_dict(ckpt.normalization) if ckpt.normalization
+            else Normalization.medmnist(len(data_info["image_shape"]), inputs.images.dtype))
+    task = ckpt.task or "multi-class"
+    probabilities = predict_probabilities(model, inputs.images, norm, task, args.batch_size,
+                                          args.device, progress=not args.no_progress)
+    labels = ckpt.label_names or [f"class {i}" for i in range(probabilities.shape[1])]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_csv(out, inputs.names, probabilities, labels, inputs.name_column)
+    print(f"{len(inputs.names)} predictions written to {out} ({', '.join(labels)})")
+    if args.gradcam:
+        paths = _write_gradcams(args, model, inputs, norm, probabilities, labels, task)
+        print(f"{len(paths)} Grad-CAM heatmaps written to {args.gradcam}"
+              + (f" (the first {args.gradcam_max} of {len(inputs.names)} inputs; "
+                 f"see --gradcam-max)" if len(paths) < len(inputs.names) else ""))
+    return 0
+
+
+def _write_gradcams(args, model, inputs, norm, probabilities, labels, task) -> list[Path]:
+    """One PNG per input (up to --gradcam-max): the heatmap of the predicted class over it."""
+    import cnnfast
+    from cnnfast import viz
+
+    folder = Path(args.gradcam)
+    folder.mkdir(parents=True, exist_ok=True)
+    count = min(len(inputs.names), args.gradcam_max)
+    multilabel = task == "multi-label, binary-class"
+    paths = []
+    for start in range(0, count, args.batch_size):
+        stop = min(count, start + args.batch_size)
+        x = cnnfast.tensor(norm(inputs.images[start:stop]), device=args.device)
+        heat = viz.grad_cam(model, x)
+        true = None if inputs.labels is None else inputs.labels[start:stop]
+        titles = viz.gradcam_titles(true, probabilities[start:stop], labels, multilabel,
+                                    inputs.names[start:stop])
+        for i in range(stop - start):
+            stem = Path(inputs.names[start + i]).stem
+            paths.append(viz.plot_gradcam(inputs.images[start + i:start + i + 1], heat[i:i + 1],
+                                          folder / f"gradcam_{stem}.png", titles[i:i + 1],
+                                          title="Grad-CAM of the predicted class"))
+    return paths
+
+
 def _add_border_parsers(sub) -> None:
     """``export`` (ONNX) and ``predict``: their own parsers, kept apart from training's."""
     p = sub.add_parser("export", help="export a checkpoint as an ONNX model",
@@ -533,6 +621,37 @@ def _add_border_parsers(sub) -> None:
     p.add_argument("--opset", type=_positive_int, default=17, help="ONNX opset (>= 17; default "
                                                                    "17)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="class probabilities of a checkpoint on new images",
+                       description="Write a CSV of class probabilities (softmax; sigmoid for "
+                                   "multi-label tasks), one row per image: `index` (or the file "
+                                   "name) and one column per label name. --data is a .npz (or a "
+                                   "dataset name; --split picks the split), a folder of "
+                                   "PNG/JPEG images (2D; converted and resized to what the "
+                                   "checkpoint expects, with a warning) or a folder of .npy "
+                                   "volumes (3D).")
+    p.add_argument("--checkpoint", required=True, metavar="FILE",
+                   help="a checkpoint written by cnnfast train or demo")
+    p.add_argument("--data", required=True, metavar="FILE.npz|FOLDER|NAME",
+                   help="a .npz, a dataset name, or a folder of PNG/JPEG images or .npy volumes")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test",
+                   help="split of a .npz or dataset (default test)")
+    p.add_argument("--out", required=True, metavar="FILE.csv", help="the CSV to write")
+    p.add_argument("--gradcam", default=None, metavar="DIR",
+                   help="also write a Grad-CAM heatmap PNG per image into DIR")
+    p.add_argument("--gradcam-max", type=_positive_int, default=64, metavar="N",
+                   help="heatmaps for at most the first N images (default 64)")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--size", type=int, choices=(28, 64, 128, 224), default=None,
+                   help="image size of a MedMNIST name (default 28)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="where MedMNIST files are looked for and downloaded")
+    p.add_argument("--base-url", default=None, metavar="URL", help=argparse.SUPPRESS)
+    p.add_argument("--data-seed", type=int, default=0, metavar="N",
+                   help="seed of a synthetic dataset (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device_arg(p)
+    p.set_defaults(func=cmd_predict)
 
 
 # --- parser -------------------------------------------------------------------------------------
@@ -626,6 +745,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="output directory (default ./plots)")
             p.add_argument("--index", type=int, default=None,
                            help="test image for the feature maps (default: the first positive)")
+            p.add_argument("--gradcam", type=_positive_int, nargs="?", const=16, default=None,
+                           metavar="N", help="also plot Grad-CAM heatmaps over the first N "
+                                             "test images (default 16) with their true and "
+                                             "predicted labels")
         p.set_defaults(func=func)
 
     p = sub.add_parser("download", help="download a MedMNIST .npz file",

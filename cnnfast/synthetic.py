@@ -113,8 +113,9 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 # --- CT slices and volumes with or without a nodule ---------------------------------------------
 
 def _chest_ct(rng: np.random.Generator, coords: np.ndarray, size: int, nodule: bool
-              ) -> np.ndarray:
-    """One CT-like image ``(*S)`` in [0, 1]: 2D axial slice or 3D volume (axis 0 = z)."""
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """One CT-like image ``(*S)`` in [0, 1] (2D axial slice or 3D volume, axis 0 = z) and its
+    nodule ``(*center, radius)`` in pixels (NaN without a nodule)."""
     nd = coords.shape[0]
     s = size / 28.0  # all lengths below are for a 28-pixel image
     mid = (size - 1) / 2.0
@@ -162,24 +163,30 @@ def _chest_ct(rng: np.random.Generator, coords: np.ndarray, size: int, nodule: b
                 coords, _pick(rng, inside), rng.uniform(0.45, 0.8) * s))
     img = img + vessels * lungs
 
+    where = np.full(nd + 1, np.nan, np.float32)
     if nodule:  # anywhere in either lung, juxtapleural ones included
         side = lung_masks[rng.integers(2)]
         center = _pick(rng, np.argwhere(side > 0.5))
-        blob = _ellipsoid(coords, center, [rng.uniform(1.2, 3.2) * s] * nd, edge=0.5)
+        radius = rng.uniform(1.2, 3.2) * s
+        blob = _ellipsoid(coords, center, [radius] * nd, edge=0.5)
         img = img + rng.uniform(0.18, 0.42) * blob
+        where[:nd], where[nd] = center, radius
 
     img = img + rng.normal(0, rng.uniform(0.012, 0.03), img.shape).astype(np.float32)
     img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.04, 0.04)
-    return img
+    return img, where
 
 
 def nodule_ct(n: int, seed: int = 0, spatial_dims: int = 2, size: int = 28,
-              positive_fraction: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+              positive_fraction: float = 0.5, return_nodules: bool = False) -> tuple:
     """``n`` synthetic CT slices/volumes with or without a nodule.
 
     Returns ``images`` ``(n, 1, size, size)`` (2D) or ``(n, 1, size, size, size)`` (3D) uint8 and
     ``labels`` ``(n, 1)`` int64 (1 = nodule). Exactly ``round(n * positive_fraction)`` positives,
-    in random order. Deterministic in ``seed``.
+    in random order. Deterministic in ``seed``. With ``return_nodules``, also ``nodules``
+    ``(n, spatial_dims + 1)`` float32: each nodule's centre in pixel coordinates (array index
+    order: (y, x) or (z, y, x)) and its radius, NaN for images without one (the ground truth
+    for localisation checks such as Grad-CAM's); the images are the same either way.
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -191,8 +198,12 @@ def nodule_ct(n: int, seed: int = 0, spatial_dims: int = 2, size: int = 28,
     labels = rng.permutation(labels)
     coords = _grid((size,) * spatial_dims)
     images = np.empty((n, 1) + (size,) * spatial_dims, np.uint8)
+    nodules = np.empty((n, spatial_dims + 1), np.float32)
     for i in range(n):
-        images[i, 0] = _to_uint8(_chest_ct(rng, coords, size, bool(labels[i])))
+        img, nodules[i] = _chest_ct(rng, coords, size, bool(labels[i]))
+        images[i, 0] = _to_uint8(img)
+    if return_nodules:
+        return images, labels[:, None], nodules
     return images, labels[:, None]
 
 

@@ -299,3 +299,196 @@ def plot_all(model, dataset, scores: np.ndarray, history: Sequence[dict] | None,
         paths["training_curves"] = plot_training_curves(
             history, out_dir / "training_curves.png", title=f"Training on {dataset.name}")
     return paths
+
+
+# --- Grad-CAM -----------------------------------------------------------------------------------
+
+def _default_cam_layer(model):
+    """The last convolutional stage: a ResNet's ``layer4``, a SmallCNN's last block."""
+    for name in ("layer4", "features"):
+        layer = getattr(model, name, None)
+        if layer is not None:
+            return layer if name == "layer4" else layer[len(layer) - 1]
+    raise ValueError(f"grad_cam: no default layer for a {type(model).__name__}; pass layer= "
+                     f"(a submodule or its dotted name)")
+
+
+def _resolve_layer(model, layer):
+    if layer is None:
+        return _default_cam_layer(model)
+    if isinstance(layer, str):
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise ValueError(f"grad_cam: layer {layer!r} is not a submodule of the model "
+                             f"(e.g. {', '.join(list(modules)[1:6])}, ...)")
+        return modules[layer]
+    if not any(m is layer for m in model.modules()):
+        raise ValueError(f"grad_cam: layer {type(layer).__name__} is not part of the model")
+    return layer
+
+
+def resize_linear(a: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resize the trailing axes of ``a`` to ``shape`` by (bi/tri)linear interpolation with
+    half-pixel centres (PyTorch's ``interpolate(..., align_corners=False)``)."""
+    a = np.asarray(a, dtype=np.float64)
+    lead = a.ndim - len(shape)
+    for axis, out in zip(range(lead, a.ndim), shape):
+        size = a.shape[axis]
+        if size == out:
+            continue
+        src = np.maximum((np.arange(out) + 0.5) * (size / out) - 0.5, 0.0)
+        i0 = np.minimum(np.floor(src).astype(np.int64), size - 1)
+        i1 = np.minimum(i0 + 1, size - 1)
+        frac = (src - i0).reshape((-1,) + (1,) * (a.ndim - axis - 1))
+        a = np.take(a, i0, axis=axis) * (1 - frac) + np.take(a, i1, axis=axis) * frac
+    return a
+
+
+def grad_cam(model, images, layer=None, target=None) -> np.ndarray:
+    """Grad-CAM heatmaps ``(N, *S)`` in [0, 1] for ``images`` ``(N, C, *S)`` (normalised, as the
+    model takes them; a Tensor or an array), 2D or 3D.
+
+    For each image, the activation ``A`` ``(K, *S')`` of ``layer`` (default: the last
+    convolutional stage, ``layer4`` of a ResNet or the last block of a SmallCNN; or a submodule,
+    or its dotted name) is weighted per channel by the mean over ``S'`` of d logit[target] / d A
+    (from cnnfast's autograd), summed over channels, passed through ReLU, resized to ``S``
+    (linear, half-pixel centres) and divided by its maximum (an all-zero map stays zero).
+    ``target``: None for each image's predicted class (the largest logit), an int for one class
+    for all, or a sequence of ``N`` ints. The model runs in evaluation mode; its mode, and its
+    parameters' ``requires_grad`` and ``.grad``, are left as they were.
+    """
+    import cnnfast
+    from cnnfast.tensor import Tensor, as_tensor
+
+    x = as_tensor(images, name="grad_cam: images")
+    if x.ndim not in (4, 5):
+        raise ValueError(f"grad_cam: images must be (N, C, H, W) or (N, C, D, H, W), got shape "
+                         f"{x.shape}")
+    x = x.detach()
+    module = _resolve_layer(model, layer)
+    captured: list[Tensor] = []
+    original_forward = module.forward
+
+    def capturing_forward(*args, **kwargs):
+        # The activation becomes a leaf that requires grad: backward stops there and leaves its
+        # gradient in .grad, with no hook machinery in the autograd core.
+        out = original_forward(*args, **kwargs).detach().requires_grad_(True)
+        captured.append(out)
+        return out
+
+    params = list(model.parameters())
+    saved = [(p.requires_grad, p.grad) for p in params]
+    was_training = model.training
+    object.__setattr__(module, "forward", capturing_forward)
+    try:
+        for p in params:
+            p.requires_grad = False  # only the path from the activation is recorded
+        model.eval()
+        with cnnfast.enable_grad():
+            logits = model(x)
+        if len(captured) != 1:
+            raise ValueError(f"grad_cam: layer {type(module).__name__} ran {len(captured)} times "
+                             f"in one forward pass; choose a layer that runs once")
+        n, classes = logits.shape
+        if target is None:
+            chosen = logits.numpy().argmax(axis=1)
+        else:
+            chosen = np.broadcast_to(np.asarray(target), (n,)).astype(np.int64)
+            if chosen.min() < 0 or chosen.max() >= classes:
+                raise ValueError(f"grad_cam: target must name classes in [0, {classes - 1}], "
+                                 f"got {target!r}")
+        onehot = np.zeros((n, classes), dtype=logits.dtype)
+        onehot[np.arange(n), chosen] = 1
+        logits.backward(onehot)  # d sum_i logit[i, target_i]; images are independent in eval
+        activation = captured[0].numpy().astype(np.float64)
+        grad = captured[0].grad.numpy().astype(np.float64)
+    finally:
+        object.__delattr__(module, "forward")
+        model.train(was_training)
+        for p, (flag, g) in zip(params, saved):
+            p.requires_grad, p.grad = flag, g
+    spatial_axes = tuple(range(2, activation.ndim))
+    weights = grad.mean(axis=spatial_axes, keepdims=True)
+    cam = np.maximum((weights * activation).sum(axis=1), 0.0)
+    cam = resize_linear(cam, x.shape[2:])
+    peak = cam.reshape(n, -1).max(axis=1).reshape((n,) + (1,) * (cam.ndim - 1))
+    return np.where(peak > 0, cam / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
+
+
+def _display_planes(img: np.ndarray) -> list[np.ndarray]:
+    """What to show of one image ``(C, *S)``: 2D -> [grey or RGB plane]; 3D -> its three middle
+    slices (axial, coronal, sagittal), channels averaged."""
+    if img.ndim == 3:
+        if img.shape[0] == 3:
+            rgb = np.moveaxis(img, 0, -1).astype(np.float64)
+            return [(rgb - rgb.min()) / (np.ptp(rgb) or 1.0)]
+        return [img.mean(axis=0)]
+    vol = img.mean(axis=0)
+    d, h, w = vol.shape
+    return [vol[d // 2], vol[:, h // 2], vol[:, :, w // 2]]
+
+
+def _heat_planes(heat: np.ndarray) -> list[np.ndarray]:
+    if heat.ndim == 2:
+        return [heat]
+    d, h, w = heat.shape
+    return [heat[d // 2], heat[:, h // 2], heat[:, :, w // 2]]
+
+
+def plot_gradcam(images: np.ndarray, heatmaps: np.ndarray, path: str | Path,
+                 titles: Sequence[str] | None = None, title: str = "Grad-CAM",
+                 alpha: float = 0.45) -> Path:
+    """Heatmaps ``(N, *S)`` in [0, 1] over their images ``(N, C, *S)`` (raw or normalised),
+    one panel per image with ``titles[i]`` above it; 3D images show their three middle slices
+    (axial, coronal, sagittal) side by side."""
+    images, heatmaps = _numpy(images), _numpy(heatmaps)
+    if images.shape[0] != heatmaps.shape[0] or images.shape[2:] != heatmaps.shape[1:]:
+        raise ValueError(f"plot_gradcam: heatmaps {heatmaps.shape} do not fit images "
+                         f"{images.shape} (expected (N, *S) for images (N, C, *S))")
+    n = len(images)
+    views = 1 if images.ndim == 4 else 3
+    per_row = max(1, 8 // views)
+    cols = min(n, per_row) * views
+    rows = max(1, math.ceil(n / per_row))
+    lines = max((t.count("\n") + 1 for t in titles), default=1) if titles else 1
+    height = (1.5 + 0.13 * lines) * rows + 0.6
+    fig = _figure(1.5 * cols + 0.2, height)
+    fig.subplots_adjust(top=1 - (0.35 + 0.13 * lines) / height, hspace=0.15 * lines + 0.2,
+                        wspace=0.05)
+    names = ("axial", "coronal", "sagittal")
+    for i in range(n):
+        for v, (plane, heat) in enumerate(zip(_display_planes(images[i]),
+                                              _heat_planes(heatmaps[i]))):
+            ax = fig.add_subplot(rows, cols, (i // per_row) * cols + (i % per_row) * views + v + 1)
+            ax.imshow(plane, cmap=None if plane.ndim == 3 else "gray", interpolation="nearest")
+            ax.imshow(heat, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0,
+                      interpolation="bilinear")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            text = titles[i] if titles else f"image {i}"
+            if views == 3:
+                text = f"{text}\n{names[v]}" if v == 1 else names[v]
+            ax.set_title(text, fontsize=7)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def gradcam_titles(true_labels, scores: np.ndarray, label_names: Sequence[str] | None,
+                   multilabel: bool, indices: Sequence | None = None) -> list[str]:
+    """Panel titles ``"#i true: ... / pred: ..."``: the true label(s) (when known) and the
+    predicted one(s) (largest probability; multi-label: every label at >= 0.5)."""
+    titles = []
+    scores = np.asarray(scores)
+    for i in range(len(scores)):
+        if multilabel:
+            pred = _label_text((scores[i] >= 0.5).astype(int), label_names, True)
+        else:
+            pred = _label_text(np.array([scores[i].argmax()]), label_names, False)
+        head = f"#{indices[i] if indices is not None else i}"
+        pred = pred.replace("\n", ", ")
+        if true_labels is None:
+            titles.append(f"{head}\npred: {pred}")
+        else:
+            true = _label_text(true_labels[i], label_names, multilabel).replace("\n", ", ")
+            titles.append(f"{head} true: {true}\npred: {pred}")
+    return titles

@@ -1,0 +1,182 @@
+"""Prediction on new data with a checkpoint: ``cnnfast predict``'s inputs, batching and CSV.
+
+Inputs (:func:`load_inputs`), each as raw images ``(N, C, *S)`` as the checkpoint's training data
+stored them, plus one name per image:
+
+* a ``.npz`` file (or a MedMNIST / synthetic name), one split of it: names are the indices;
+* a folder of PNG/JPEG images (2D): converted to the checkpoint's channels (grey or RGB) and,
+  when their size differs, resized to its image size (bilinear, with a warning); names are the
+  file names;
+* a folder of ``.npy`` volumes (3D) ``(D, H, W)`` or ``(C, D, H, W)``: resized (trilinear, with a
+  warning) when their size differs; names are the file names.
+
+Files are taken in sorted name order. Anything unreadable or of the wrong shape raises
+:class:`~cnnfast.data.DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cnnfast.data import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class Inputs:
+    """Raw images ``(N, C, *S)``, one name per image, the true labels ``(N, L)`` when known."""
+
+    images: np.ndarray
+    names: list[str]
+    labels: np.ndarray | None = None
+    name_column: str = "index"
+
+
+def _resize(images: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Linear resize of the trailing axes (half-pixel centres), back to the input dtype."""
+    from cnnfast.viz import resize_linear
+
+    out = resize_linear(images, shape)
+    if images.dtype == np.uint8:
+        out = np.clip(np.rint(out), 0, 255)
+    return out.astype(images.dtype)
+
+
+def _load_image_folder(folder: Path, files: list[Path], channels: int,
+                       image_shape: tuple[int, ...]) -> Inputs:
+    from PIL import Image, UnidentifiedImageError
+
+    if channels not in (1, 3):
+        raise DataError(f"{folder}: the checkpoint takes {channels}-channel images; a folder of "
+                        f"PNG/JPEG images gives 1 (grey) or 3 (RGB)")
+    arrays, resized = [], set()
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+                size = (img.height, img.width)
+                if size != tuple(image_shape):
+                    resized.add(size)
+                    img = img.resize((image_shape[1], image_shape[0]), Image.BILINEAR)
+                a = np.asarray(img, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"{f}: cannot read the image ({exc})") from None
+        arrays.append(a[None] if channels == 1 else np.moveaxis(a, -1, 0))
+    if resized:
+        sizes = ", ".join("x".join(map(str, s)) for s in sorted(resized))
+        warnings.warn(f"{folder}: images of size {sizes} were resized to "
+                      f"{'x'.join(map(str, image_shape))} (bilinear), the size the checkpoint "
+                      f"was trained on", stacklevel=3)
+    return Inputs(np.stack(arrays), [f.name for f in files], name_column="file")
+
+
+def _load_volume_folder(folder: Path, files: list[Path], channels: int,
+                        image_shape: tuple[int, ...]) -> Inputs:
+    arrays, resized, dtypes = [], set(), set()
+    for f in files:
+        try:
+            a = np.load(f, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise DataError(f"{f}: cannot read the volume ({exc})") from None
+        if a.ndim == 3:
+            a = a[None]
+        if a.ndim != 4 or a.shape[0] != channels or a.dtype.kind not in "uif":
+            raise DataError(f"{f}: expected a numeric (D, H, W) or ({channels}, D, H, W) volume, "
+                            f"got {a.dtype} array of shape {a.shape}")
+        if a.shape[1:] != tuple(image_shape):
+            resized.add(a.shape[1:])
+            a = _resize(a, image_shape)
+        arrays.append(a)
+        dtypes.add(a.dtype)
+    if len(dtypes) > 1:
+        raise DataError(f"{folder}: the volumes mix dtypes {sorted(map(str, dtypes))}; use one")
+    if resized:
+        sizes = ", ".join("x".join(map(str, s)) for s in sorted(resized))
+        warnings.warn(f"{folder}: volumes of size {sizes} were resized to "
+                      f"{'x'.join(map(str, image_shape))} (trilinear), the size the checkpoint "
+                      f"was trained on", stacklevel=3)
+    return Inputs(np.stack(arrays), [f.name for f in files], name_column="file")
+
+
+def load_inputs(data: str | os.PathLike, split: str, channels: int,
+                image_shape: Sequence[int], load_dataset: Callable | None = None) -> Inputs:
+    """The images to predict on (see the module docstring). ``channels`` and ``image_shape``
+    ``(H, W)`` or ``(D, H, W)`` are what the checkpoint expects; ``load_dataset(data)`` loads a
+    ``.npz`` or a dataset name (default :func:`cnnfast.data.load_dataset`)."""
+    image_shape = tuple(int(s) for s in image_shape)
+    path = Path(data)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        volumes = [p for p in files if p.suffix.lower() == ".npy"]
+        if images and volumes:
+            raise DataError(f"{path}: holds both images and .npy volumes; use one kind per folder")
+        if images:
+            if len(image_shape) != 2:
+                raise DataError(f"{path}: PNG/JPEG images are 2D but the checkpoint takes 3D "
+                                f"volumes (give a folder of .npy volumes)")
+            return _load_image_folder(path, images, channels, image_shape)
+        if volumes:
+            if len(image_shape) != 3:
+                raise DataError(f"{path}: .npy volumes are for 3D checkpoints; this one takes "
+                                f"2D images (give PNG/JPEG files or a .npz)")
+            return _load_volume_folder(path, volumes, channels, image_shape)
+        raise DataError(f"{path}: no PNG/JPEG images or .npy volumes in this folder")
+    if load_dataset is None:
+        from cnnfast.data import load_dataset
+    dataset = load_dataset(data)
+    part = dataset.split(split)
+    if part.images.shape[1] != channels or part.images.shape[2:] != image_shape:
+        raise DataError(f"{data}: {split} images have shape {part.images.shape[1:]} but the "
+                        f"checkpoint takes ({channels}, {', '.join(map(str, image_shape))})")
+    return Inputs(part.images, [str(i) for i in range(len(part))], part.labels)
+
+
+def predict_probabilities(model, images: np.ndarray, normalization: Callable, task: str,
+                          batch_size: int = 256, device: str = "cpu",
+                          progress: bool = False) -> np.ndarray:
+    """Class probabilities ``(N, K)`` (softmax; sigmoid for multi-label) for raw ``images``,
+    in batches, in evaluation mode; a tqdm bar when ``progress`` and there are several batches."""
+    from cnnfast.metrics import scores_from_logits
+    from cnnfast.train import predict_logits
+
+    starts = range(0, len(images), batch_size)
+    if progress and len(starts) > 1:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="predict", unit="batch", leave=False)
+    out = [predict_logits(model, images[s:s + batch_size], normalization, batch_size, device)
+           for s in starts]
+    return scores_from_logits(np.concatenate(out), task)
+
+
+def write_csv(path: str | os.PathLike, names: Sequence[str], probabilities: np.ndarray,
+              label_names: Sequence[str], name_column: str = "index") -> Path:
+    """A CSV with ``name_column`` then one probability column per label name, written
+    atomically (temporary file, fsync, rename)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([name_column, *label_names])
+    for name, row in zip(names, probabilities):
+        writer.writerow([name, *(f"{p:.6g}" for p in row)])
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
