@@ -20,13 +20,20 @@ conv
     bias_grad(gy) -> gb (K,) = gy summed over every axis but 1
 
 pool
-    max_pool_forward(x, kernel, stride, padding) -> (y, idx)
-        Padding never wins. ``idx`` (int64, y's shape) is the flat index, within one (n, c) plane
-        of the *unpadded* input, of the first maximum in window scan order (like PyTorch).
+    max_pool_forward(x, kernel, stride, padding, dilation=None, ceil_mode=False) -> (y, idx)
+        O = :func:`cnnfast.shapes.output_size` (PyTorch's, ceil mode included); taps at
+        ``o * stride - padding + k * dilation`` (``None``: 1). Padding never wins. ``idx``
+        (int64, y's shape) is the flat index, within one (n, c) plane of the *unpadded* input,
+        of the first maximum in window scan order (like PyTorch).
     max_pool_backward(gy, idx, x_shape) -> gx   (overlapping windows accumulate)
-    avg_pool_forward(x, kernel, stride, padding) -> y
-        Divisor is prod(kernel) everywhere (PyTorch's count_include_pad=True); floor mode.
-    avg_pool_backward(gy, x_shape, kernel, stride, padding) -> gx
+    avg_pool_forward(x, kernel, stride, padding, ceil_mode=False, count_include_pad=True,
+                     divisor_override=None) -> y
+        Each window's in-bounds sum over its divisor, PyTorch's rule
+        (:func:`cnnfast.shapes.avg_pool_divisor`): the count of window positions inside the
+        input and its padding (``count_include_pad``; prod(kernel) unless ceil mode's last
+        window hangs over), or inside the input only, or ``divisor_override``.
+    avg_pool_backward(gy, x_shape, kernel, stride, padding, ceil_mode=False,
+                      count_include_pad=True, divisor_override=None) -> gx
 
 activation
     relu_forward(x) -> y

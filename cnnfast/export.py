@@ -152,7 +152,7 @@ def _avg_pool(g: _Graph, m, x: str, shape):
     # Runtimes disagree on divisors in ceil mode, so spell it out: zero-pad so that every window
     # lies inside (the ceil-mode overhang included), take window sums (mean * window size) and
     # divide by cnnfast's own divisor map, a constant for this input size.
-    from cnnfast.reference.pool import avg_pool_divisor
+    from cnnfast.shapes import avg_pool_divisor
 
     extra = [max(0, (o - 1) * st + k - (s + 2 * p))
              for s, k, st, p, o in zip(shape[1:], kernel, stride, padding, out)]
@@ -192,6 +192,18 @@ def _flatten(g: _Graph, m, x: str, shape):
     return g.node("Flatten", [x], axis=1), (math.prod(shape),)
 
 
+def _constant_pad(g: _Graph, m, x: str, shape):
+    pads = [int(p) for p in m.padding]
+    rank = len(shape) + 1  # with the batch axis
+    begin, end = [0] * rank, [0] * rank
+    for i in range(len(pads) // 2):  # F.pad order: last axis first, (left, right) pairs
+        begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
+    y = g.node("Pad", [x, g.const("pads", np.array(begin + end, np.int64)),
+                       g.const("pad_value", np.float32(m.value))], mode="constant")
+    full = (0,) + tuple(shape)
+    return y, tuple(s + b + e for s, b, e in zip(full, begin, end))[1:]
+
+
 def _sequential(g: _Graph, m, x: str, shape):
     for child in m:
         x, shape = _convert(g, child, x, shape)
@@ -229,7 +241,8 @@ _CONVERTERS = [
     ((nn.BatchNorm2d, nn.BatchNorm3d), _batch_norm), ((nn.MaxPool2d, nn.MaxPool3d), _max_pool),
     ((nn.AvgPool2d, nn.AvgPool3d), _avg_pool),
     ((nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d), _adaptive_avg_pool), (nn.Linear, _linear),
-    (nn.Flatten, _flatten), (nn.ReLU, _unary("Relu")), (nn.Sigmoid, _unary("Sigmoid")),
+    (nn.Flatten, _flatten), (nn.ConstantPad, _constant_pad), (nn.ReLU, _unary("Relu")),
+    (nn.Sigmoid, _unary("Sigmoid")),
     ((nn.Identity, nn.Dropout), _identity),
 ]
 

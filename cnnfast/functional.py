@@ -15,6 +15,7 @@ from numbers import Integral
 import numpy as np
 
 from cnnfast import dispatch, rng
+from cnnfast.shapes import output_size
 from cnnfast.tensor import FLOAT_DTYPES, Function, Tensor, as_tensor
 
 IntOrTuple = int | Sequence[int]
@@ -34,6 +35,7 @@ __all__ = [
     "log_softmax",
     "max_pool2d",
     "max_pool3d",
+    "pad",
     "relu",
     "sigmoid",
     "softmax",
@@ -159,7 +161,10 @@ class MaxPool(Function):
     def forward(self, x):
         k = self.kernels = dispatch.kernels(self.device)
         self.x_shape = x.shape
-        y, self.idx = k.max_pool_forward(x, self.kernel, self.stride, self.padding)
+        y, self.idx = k.max_pool_forward(x, self.kernel, self.stride, self.padding, self.dilation,
+                                         self.ceil_mode)
+        if self.indices is not None:
+            self.indices.append(self.idx)
         return y
 
     def backward(self, gy):
@@ -170,50 +175,159 @@ class AvgPool(Function):
     def forward(self, x):
         k = self.kernels = dispatch.kernels(self.device)
         self.x_shape = x.shape
-        return k.avg_pool_forward(x, self.kernel, self.stride, self.padding)
+        return k.avg_pool_forward(x, self.kernel, self.stride, self.padding, *self.options)
 
     def backward(self, gy):
         return self.kernels.avg_pool_backward(gy, self.x_shape, self.kernel, self.stride,
-                                              self.padding)
+                                              self.padding, *self.options)
 
 
-def _pool(cls, nd: int, op: str, x, kernel_size, stride, padding) -> Tensor:
+def _int_arg(value, op: str, name: str) -> int:
+    if not isinstance(value, Integral) or isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be an int, got {value!r}")
+    return int(value)
+
+
+def _pool_geometry(nd: int, op: str, x, kernel_size, stride, padding, dilation, ceil_mode):
+    """Checked (x, kernel, stride, padding, dilation, ceil_mode) of a pooling call, with
+    PyTorch's rules: positive kernel, stride and dilation, padding at most half the kernel, and
+    at least one output along every axis."""
     x = _float_tensor(x, op, "input")
     _check_rank(x, nd, op)
     kernel = _ntuple(kernel_size, nd, op, "kernel_size", 1)
     stride = kernel if stride is None else _ntuple(stride, nd, op, "stride", 1)
     padding = _ntuple(padding, nd, op, "padding", 0)
+    dilation = _ntuple(dilation, nd, op, "dilation", 1)
+    if not isinstance(ceil_mode, (bool, np.bool_)):
+        raise TypeError(f"{op}: ceil_mode must be a bool, got {ceil_mode!r}")
     if any(2 * p > k for p, k in zip(padding, kernel)):
         raise ValueError(f"{op}: padding {padding} must be at most half of kernel_size {kernel}")
-    spatial = x.shape[2:]
-    if any(k > s + 2 * p for s, k, p in zip(spatial, kernel, padding)):
-        raise ValueError(f"{op}: kernel_size {kernel} is larger than the padded input "
-                         f"{tuple(s + 2 * p for s, p in zip(spatial, padding))}")
-    return cls.apply(x, kernel=kernel, stride=stride, padding=padding)
+    out = output_size(x.shape[2:], kernel, stride, padding, dilation, bool(ceil_mode))
+    if min(out) < 1:
+        raise ValueError(f"{op}: kernel_size {kernel} (dilation {dilation}) is larger than the "
+                         f"padded input {tuple(s + 2 * p for s, p in zip(x.shape[2:], padding))}"
+                         f": output size {out} is too small")
+    return x, kernel, stride, padding, dilation, bool(ceil_mode)
+
+
+def _max_pool(nd: int, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
+    op = f"max_pool{nd}d"
+    x, kernel, stride, padding, dilation, ceil_mode = _pool_geometry(
+        nd, op, x, kernel_size, stride, padding, dilation, ceil_mode)
+    indices: list | None = [] if return_indices else None
+    y = MaxPool.apply(x, kernel=kernel, stride=stride, padding=padding, dilation=dilation,
+                      ceil_mode=ceil_mode, indices=indices)
+    if return_indices:
+        return y, Tensor(indices[0], device=x.device)
+    return y
+
+
+def _avg_pool(nd: int, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+              divisor_override) -> Tensor:
+    op = f"avg_pool{nd}d"
+    x, kernel, stride, padding, _, ceil_mode = _pool_geometry(
+        nd, op, x, kernel_size, stride, padding, 1, ceil_mode)
+    if not isinstance(count_include_pad, (bool, np.bool_)):
+        raise TypeError(f"{op}: count_include_pad must be a bool, got {count_include_pad!r}")
+    if divisor_override is not None:
+        divisor_override = _int_arg(divisor_override, op, "divisor_override")
+        if divisor_override == 0:
+            raise ValueError(f"{op}: divisor_override must not be zero")
+    return AvgPool.apply(x, kernel=kernel, stride=stride, padding=padding,
+                         options=(ceil_mode, bool(count_include_pad), divisor_override))
 
 
 def max_pool2d(x, kernel_size: IntOrTuple, stride: IntOrTuple | None = None,
-               padding: IntOrTuple = 0) -> Tensor:
-    """Max pooling over (H, W); stride defaults to kernel_size; padding never wins."""
-    return _pool(MaxPool, 2, "max_pool2d", x, kernel_size, stride, padding)
+               padding: IntOrTuple = 0, dilation: IntOrTuple = 1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """Max pooling over (H, W), PyTorch's arguments: x (N, C, H, W) -> (N, C, OH, OW).
+
+    ``stride`` defaults to ``kernel_size``; padding never wins; ``dilation`` spaces the taps;
+    ``ceil_mode`` rounds the output size up (the last window may hang over the end, but starts
+    inside the input or its left padding). With ``return_indices`` returns ``(y, indices)``:
+    int64, the flat index within each (H, W) plane of the chosen input, like PyTorch's.
+    """
+    return _max_pool(2, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
 def max_pool3d(x, kernel_size: IntOrTuple, stride: IntOrTuple | None = None,
-               padding: IntOrTuple = 0) -> Tensor:
-    """Max pooling over (D, H, W)."""
-    return _pool(MaxPool, 3, "max_pool3d", x, kernel_size, stride, padding)
+               padding: IntOrTuple = 0, dilation: IntOrTuple = 1, ceil_mode: bool = False,
+               return_indices: bool = False):
+    """Max pooling over (D, H, W); arguments as :func:`max_pool2d`."""
+    return _max_pool(3, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices)
 
 
 def avg_pool2d(x, kernel_size: IntOrTuple, stride: IntOrTuple | None = None,
-               padding: IntOrTuple = 0) -> Tensor:
-    """Average pooling over (H, W); padding counts in the divisor (PyTorch's default)."""
-    return _pool(AvgPool, 2, "avg_pool2d", x, kernel_size, stride, padding)
+               padding: IntOrTuple = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+               divisor_override: int | None = None) -> Tensor:
+    """Average pooling over (H, W), PyTorch's arguments: x (N, C, H, W) -> (N, C, OH, OW).
+
+    The divisor counts the window's positions inside the input and its padding
+    (``count_include_pad``, the default), or inside the input only, or is ``divisor_override``.
+    """
+    return _avg_pool(2, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override)
 
 
 def avg_pool3d(x, kernel_size: IntOrTuple, stride: IntOrTuple | None = None,
-               padding: IntOrTuple = 0) -> Tensor:
-    """Average pooling over (D, H, W)."""
-    return _pool(AvgPool, 3, "avg_pool3d", x, kernel_size, stride, padding)
+               padding: IntOrTuple = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+               divisor_override: int | None = None) -> Tensor:
+    """Average pooling over (D, H, W); arguments as :func:`avg_pool2d`."""
+    return _avg_pool(3, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                     divisor_override)
+
+
+# --- padding ----------------------------------------------------------------------------------
+
+class Pad(Function):
+    """Constant padding (negative amounts crop); backward crops the gradient back."""
+
+    def forward(self, x):
+        xp = dispatch.array_xp(x)
+        self.x_shape = x.shape
+        out = xp.full(self.out_shape, self.value, dtype=x.dtype)
+        out[self.inner] = x[self.source]
+        return out
+
+    def backward(self, gy):
+        xp = dispatch.array_xp(gy)
+        gx = xp.zeros(self.x_shape, dtype=gy.dtype)
+        gx[self.source] = gy[self.inner]
+        return gx
+
+
+def pad(x, pad: Sequence[int], mode: str = "constant", value: float = 0.0) -> Tensor:
+    """PyTorch's ``F.pad`` (constant mode): ``pad = (left, right)`` for the last axis, then
+    ``(left, right, top, bottom)`` for the last two, and so on (asymmetric amounts allowed;
+    negative ones crop). Any rank, any device; the gradient is the cropped output gradient.
+    """
+    op = "pad"
+    x = _float_tensor(x, op, "input")
+    if mode != "constant":
+        raise ValueError(f"{op}: mode must be 'constant' (the only mode cnnfast implements), "
+                         f"got {mode!r}")
+    if (not isinstance(pad, Sequence) or isinstance(pad, str) or len(pad) % 2
+            or not all(isinstance(p, Integral) and not isinstance(p, bool) for p in pad)):
+        raise ValueError(f"{op}: pad must be a sequence of an even number of ints, got {pad!r}")
+    if len(pad) // 2 > x.ndim:
+        raise ValueError(f"{op}: pad {tuple(pad)} pads {len(pad) // 2} axes but the input has "
+                         f"only {x.ndim} (shape {x.shape})")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{op}: value must be a number, got {value!r}")
+    out_shape, inner, source = list(x.shape), [slice(None)] * x.ndim, [slice(None)] * x.ndim
+    for i in range(len(pad) // 2):
+        axis = x.ndim - 1 - i
+        left, right, size = int(pad[2 * i]), int(pad[2 * i + 1]), x.shape[axis]
+        out_shape[axis] = size + left + right
+        if out_shape[axis] < 1:
+            raise ValueError(f"{op}: pad {tuple(pad)} leaves axis {axis} of shape {x.shape} "
+                             f"with size {out_shape[axis]}")
+        kept = slice(max(-left, 0), size - max(-right, 0))
+        count = max(0, kept.stop - kept.start)
+        source[axis] = kept
+        inner[axis] = slice(max(left, 0), max(left, 0) + count)
+    return Pad.apply(x, out_shape=tuple(out_shape), inner=tuple(inner), source=tuple(source),
+                     value=float(value))
 
 
 class AdaptiveAvgPool(Function):

@@ -46,3 +46,31 @@ def output_size(size: Ints, kernel: Ints, stride: Ints, padding: Ints,
         dilation = (1,) * len(size)
     return tuple(output_length(int(s), int(k), int(st), int(p), int(d), ceil_mode)
                  for s, k, st, p, d in zip(size, kernel, stride, padding, dilation))
+
+
+def avg_pool_divisor(size: Ints, kernel: Ints, stride: Ints, padding: Ints, out: Ints,
+                     count_include_pad: bool = True, divisor_override: int | None = None):
+    """Average pooling's divisor per output position, a float64 array of shape ``out``
+    (PyTorch's rule, a product over axes since windows are boxes):
+
+    * ``divisor_override`` everywhere when given;
+    * ``count_include_pad``: the window's length inside the input and its padding,
+      ``min(start + K, S + P) - start`` with ``start = o * stride - P`` (``K`` except where ceil
+      mode's last window hangs over the end);
+    * otherwise its length inside the input, ``min(start + K, S) - max(start, 0)``.
+    """
+    import numpy as np
+
+    if divisor_override is not None:
+        return np.full(tuple(out), float(divisor_override))
+    divisor = np.ones(tuple(out))
+    for axis, (s, k, st, p, o) in enumerate(zip(size, kernel, stride, padding, out)):
+        start = np.arange(o) * st - p
+        if count_include_pad:
+            length = np.minimum(start + k, s + p) - start
+        else:
+            length = np.minimum(start + k, s) - np.maximum(start, 0)
+        view = [1] * len(out)
+        view[axis] = o
+        divisor = divisor * length.reshape(view)
+    return divisor

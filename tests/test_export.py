@@ -81,6 +81,25 @@ def test_export_matches_onnxruntime(name, tmp_path, rng):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_export_handles_pool_arguments(tmp_path, rng):
+    """Layers with ceil_mode / count_include_pad / divisor_override / dilation, and constant
+    padding, export exactly."""
+    model = nn.Sequential(
+        nn.ConstantPad((1, 0, 2, 1), 0.5), nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(3, stride=2, padding=1, dilation=2, ceil_mode=True),
+        nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        nn.AvgPool2d(2, stride=1, divisor_override=3),
+        nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    path = cnnfast.export_onnx(model, tmp_path / "p.onnx", (2, 23, 19), output="logits")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 2, 23, 19)).astype(np.float32)
+    with cnnfast.no_grad():
+        expected = model.eval()(cnnfast.tensor(x)).numpy()
+    np.testing.assert_allclose(session.run(None, {"images": x})[0], expected, rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_export_refuses_bad_arguments(tmp_path):
     from cnnfast.export import ExportError
 

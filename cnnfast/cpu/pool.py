@@ -3,8 +3,10 @@
 Each kernel is a Numba loop over (n, c) planes: parallel for max pooling; average pooling (in
 none of the target models) runs on one thread to keep compile time down. A plane is never
 shared, so backward passes scatter into gx without races and in a fixed order. Each output
-scans its window clipped to the input (bounds worked out once per axis), so padding is never
-read. 2D runs as 3D with depth 1.
+scans the taps of its window that fall inside the input (worked out once per axis: first tap,
+end, step = dilation), so padding and ceil mode's overhang are never read. Average pooling
+divides by a per-output divisor map (:func:`cnnfast.shapes.avg_pool_divisor`). 2D runs as 3D
+with depth 1.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from numba import njit, prange
 
 from cnnfast.cpu._im2col import as3d, geometry3
 from cnnfast.cpu._parallel import parallel_kernel
-from cnnfast.shapes import output_size
+from cnnfast.shapes import avg_pool_divisor, output_size
 
 Ints = tuple[int, ...]
+
 
 def _planes(shape: Ints) -> int:
     return int(shape[0]) * int(shape[1])
 
 
-def max_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints):
-    """x (N, C, *S) -> (y, idx), both (N, C, *O) with O = (S + 2P - KS) // stride + 1.
+def max_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints, dilation: Ints | None = None,
+                     ceil_mode: bool = False):
+    """x (N, C, *S) -> (y, idx), both (N, C, *O), O from :func:`cnnfast.shapes.output_size`.
 
     ``idx`` (int64) is the flat index within one (n, c) plane of the unpadded input of the
     first maximum in window scan order; padding never wins; a NaN counts as a maximum.
@@ -31,11 +35,12 @@ def max_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints):
     nd = x.ndim - 2
     x5 = as3d(x)
     ks, st, pd = geometry3(kernel, 1), geometry3(stride, 1), geometry3(padding, 0)
-    out = output_size(x5.shape[2:], ks, st, pd)
+    dl = geometry3(dilation or (1,) * nd, 1)
+    out = output_size(x5.shape[2:], ks, st, pd, dl, ceil_mode)
     y = np.empty(x5.shape[:2] + out, dtype=x5.dtype)
     idx = np.empty(x5.shape[:2] + out, dtype=np.int64)
     if y.size:
-        _max_forward(x5, ks, st, pd, y, idx)
+        _max_forward(x5, ks, st, pd, dl, y, idx)
     shape = x.shape[:2] + out[3 - nd:]
     return y.reshape(shape), idx.reshape(shape)
 
@@ -51,38 +56,55 @@ def max_pool_backward(gy, idx, x_shape: Ints):
     return gx2.reshape(x_shape)
 
 
-def avg_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints):
-    """x (N, C, *S) -> y (N, C, *O): window sums (padding counts as 0) / prod(kernel)."""
+def _avg_setup(shape: Ints, kernel: Ints, stride: Ints, padding: Ints, ceil_mode: bool,
+               count_include_pad: bool, divisor_override: int | None, dtype):
+    """3D geometry, O and the flat divisor map (O's size, ``dtype``) of average pooling."""
+    ks, st, pd = geometry3(kernel, 1), geometry3(stride, 1), geometry3(padding, 0)
+    size = geometry3(shape[2:], 1)
+    out = output_size(size, ks, st, pd, None, ceil_mode)
+    divisor = avg_pool_divisor(size, ks, st, pd, out, count_include_pad, divisor_override)
+    return ks, st, pd, out, divisor.reshape(-1).astype(dtype)
+
+
+def avg_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints, ceil_mode: bool = False,
+                     count_include_pad: bool = True, divisor_override: int | None = None):
+    """x (N, C, *S) -> y (N, C, *O): window sums (padding counts as 0) / the divisor map."""
     nd = x.ndim - 2
     x5 = as3d(x)
-    ks, st, pd = geometry3(kernel, 1), geometry3(stride, 1), geometry3(padding, 0)
-    out = output_size(x5.shape[2:], ks, st, pd)
+    ks, st, pd, out, divisor = _avg_setup(x.shape, kernel, stride, padding, ceil_mode,
+                                          count_include_pad, divisor_override, x5.dtype)
     y = np.empty(x5.shape[:2] + out, dtype=x5.dtype)
     if y.size:
-        _avg_forward(x5, ks, st, pd, y)
+        _avg_forward(x5, ks, st, pd, divisor, y)
     return y.reshape(x.shape[:2] + out[3 - nd:])
 
 
-def avg_pool_backward(gy, x_shape: Ints, kernel: Ints, stride: Ints, padding: Ints):
-    """gy (N, C, *O) -> gx (x_shape): each gy / prod(kernel) added over its window."""
+def avg_pool_backward(gy, x_shape: Ints, kernel: Ints, stride: Ints, padding: Ints,
+                      ceil_mode: bool = False, count_include_pad: bool = True,
+                      divisor_override: int | None = None):
+    """gy (N, C, *O) -> gx (x_shape): each gy / its divisor added over its window."""
     x_shape = tuple(int(s) for s in x_shape)
     gy5 = as3d(gy)
-    ks, st, pd = geometry3(kernel, 1), geometry3(stride, 1), geometry3(padding, 0)
+    ks, st, pd, _, divisor = _avg_setup(x_shape, kernel, stride, padding, ceil_mode,
+                                        count_include_pad, divisor_override, gy5.dtype)
     gx5 = np.zeros(x_shape[:2] + geometry3(x_shape[2:], 1), dtype=gy5.dtype)
     if gy5.size:
-        _avg_backward(gy5, ks, st, pd, gx5)
+        _avg_backward(gy5, ks, st, pd, divisor, gx5)
     return gx5.reshape(x_shape)
 
 
 @njit(nogil=True, cache=True)
-def _windows(size, out, kernel, stride, pad):
-    """Per output position along one axis, the input range [lo, hi) its window covers inside
-    the input (the window clipped to the input: padding is never read)."""
+def _windows(size, out, kernel, stride, pad, dilation):
+    """Per output position along one axis, the taps of its window inside the input: positions
+    ``range(lo, hi, dilation)`` (the window clipped to the input: padding is never read; empty,
+    lo >= hi, when no tap lands inside)."""
     bounds = np.empty((out, 2), dtype=np.int64)
     for o in range(out):
         start = o * stride - pad
-        bounds[o, 0] = max(start, 0)
-        bounds[o, 1] = min(start + kernel, size)
+        first = 0 if start >= 0 else (-start + dilation - 1) // dilation  # first tap >= 0
+        last = min(kernel - 1, (size - 1 - start) // dilation)  # last tap < size
+        bounds[o, 0] = start + first * dilation
+        bounds[o, 1] = start + last * dilation + 1 if last >= first else bounds[o, 0]
     return bounds
 
 
@@ -97,7 +119,7 @@ def _scan(xp, p, k, best):
 
 
 @parallel_kernel
-def _max_forward(x, ks, st, pd, y, idx):
+def _max_forward(x, ks, st, pd, dl, y, idx):
     """y and idx (N, C, OD, OH, OW), one task per (n, c) plane. Each output scans its window in
     order and keeps the index of the first maximum (a later NaN wins too, as in the reference).
 
@@ -110,9 +132,10 @@ def _max_forward(x, ks, st, pd, y, idx):
     yf = y.reshape(-1)
     idxf = idx.reshape(-1)
     plane = D * H * W
-    wd = _windows(D, OD, ks[0], st[0], pd[0])
-    wh = _windows(H, OH, ks[1], st[1], pd[1])
-    ww = _windows(W, OW, ks[2], st[2], pd[2])
+    wd = _windows(D, OD, ks[0], st[0], pd[0], dl[0])
+    wh = _windows(H, OH, ks[1], st[1], pd[1], dl[1])
+    ww = _windows(W, OW, ks[2], st[2], pd[2], dl[2])
+    step = dl[2]
     zero = np.zeros(1, dtype=y.dtype)[0]
     for task in prange(x.shape[0] * C):
         xp = xf[task * plane:(task + 1) * plane]
@@ -131,16 +154,16 @@ def _max_forward(x, ks, st, pd, y, idx):
                     k = (d0 * H + h0) * W + w0
                     best = xp[k]
                     width = w1 - w0
-                    for i_d in range(d0, d1):
-                        for i_h in range(h0, h1):
+                    for i_d in range(d0, d1, dl[0]):
+                        for i_h in range(h0, h1, dl[1]):
                             p = (i_d * H + i_h) * W + w0
                             # Rows of 2 (the usual 2x2 pooling) spelled out: a loop of unknown
                             # length around the update makes LLVM branch on it again.
-                            if width == 2:
+                            if width == 2 and step == 1:
                                 k, best = _scan(xp, p, k, best)
                                 k, best = _scan(xp, p + 1, k, best)
                             else:
-                                for i in range(width):
+                                for i in range(0, width, step):
                                     k, best = _scan(xp, p + i, k, best)
                     yf[out] = best
                     idxf[out] = k
@@ -163,54 +186,55 @@ def _max_backward(gy, idx, gx):
 
 
 @njit(nogil=True, cache=True)
-def _avg_forward(x, ks, st, pd, y):
+def _avg_forward(x, ks, st, pd, divisor, y):
     """y (N, C, OD, OH, OW), one task per (n, c) plane: each window's in-bounds elements summed in
-    scan order (padding adds nothing), divided by prod(kernel)."""
+    scan order (padding adds nothing), divided by its entry of ``divisor`` (OD * OH * OW)."""
     _, C, D, H, W = x.shape
     _, _, OD, OH, OW = y.shape
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     plane = D * H * W
-    wd = _windows(D, OD, ks[0], st[0], pd[0])
-    wh = _windows(H, OH, ks[1], st[1], pd[1])
-    ww = _windows(W, OW, ks[2], st[2], pd[2])
-    count = np.full(1, ks[0] * ks[1] * ks[2], dtype=y.dtype)[0]
+    wd = _windows(D, OD, ks[0], st[0], pd[0], 1)
+    wh = _windows(H, OH, ks[1], st[1], pd[1], 1)
+    ww = _windows(W, OW, ks[2], st[2], pd[2], 1)
+    zero = np.zeros(1, dtype=y.dtype)[0]
+    plane_out = OD * OH * OW
     for task in range(x.shape[0] * C):
         xp = xf[task * plane:(task + 1) * plane]
-        out = task * OD * OH * OW
+        base = out = task * plane_out
         for od in range(OD):
             for oh in range(OH):
                 for ow in range(OW):
-                    total = count - count
+                    total = zero
                     for i_d in range(wd[od, 0], wd[od, 1]):
                         for i_h in range(wh[oh, 0], wh[oh, 1]):
                             row = (i_d * H + i_h) * W
                             for i_w in range(ww[ow, 0], ww[ow, 1]):
                                 total += xp[row + i_w]
-                    yf[out] = total / count
+                    yf[out] = total / divisor[out - base]
                     out += 1
 
 
 @njit(nogil=True, cache=True)
-def _avg_backward(gy, ks, st, pd, gx):
-    """gx (N, C, D, H, W), one task per (n, c) plane: each output's gy / prod(kernel) added to the
+def _avg_backward(gy, ks, st, pd, divisor, gx):
+    """gx (N, C, D, H, W), one task per (n, c) plane: each output's gy / its divisor added to the
     in-bounds elements of its window, outputs in order."""
     _, C, D, H, W = gx.shape
     _, _, OD, OH, OW = gy.shape
     gyf = gy.reshape(-1)
     gxf = gx.reshape(-1)
     plane = D * H * W
-    wd = _windows(D, OD, ks[0], st[0], pd[0])
-    wh = _windows(H, OH, ks[1], st[1], pd[1])
-    ww = _windows(W, OW, ks[2], st[2], pd[2])
-    count = np.full(1, ks[0] * ks[1] * ks[2], dtype=gy.dtype)[0]
+    wd = _windows(D, OD, ks[0], st[0], pd[0], 1)
+    wh = _windows(H, OH, ks[1], st[1], pd[1], 1)
+    ww = _windows(W, OW, ks[2], st[2], pd[2], 1)
+    plane_out = OD * OH * OW
     for task in range(gx.shape[0] * C):
         xp = gxf[task * plane:(task + 1) * plane]
-        out = task * OD * OH * OW
+        base = out = task * plane_out
         for od in range(OD):
             for oh in range(OH):
                 for ow in range(OW):
-                    share = gyf[out] / count
+                    share = gyf[out] / divisor[out - base]
                     out += 1
                     for i_d in range(wd[od, 0], wd[od, 1]):
                         for i_h in range(wh[oh, 0], wh[oh, 1]):

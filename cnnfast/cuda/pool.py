@@ -1,18 +1,26 @@
 """CUDA max and average pooling (2D and 3D), forward and backward.
 
-2D runs as 3D with D = KD = SD = 1 and PD = 0. Forward kernels give each thread output elements
-(grid-stride over the flat output, so consecutive threads read neighbouring windows); backward
-kernels give each thread input elements and gather from the output windows that can contain
-them: along each axis od runs over [ceil((d + PD - KD + 1) / SD), floor((d + PD) / SD)] clipped
-to [0, OD). Gathering instead of scattering needs no float atomics and sums in a fixed order, so
-the bits repeat. Flat offsets are int64.
+2D runs as 3D with D = KD = SD = DD = 1 and PD = 0. Forward kernels give each thread output
+elements (grid-stride over the flat output, so consecutive threads read neighbouring windows);
+backward kernels give each thread input elements and gather from the output windows that can
+contain them: along each axis od runs over [ceil((d + PD - KD + 1) / SD), floor((d + PD) / SD)]
+clipped to [0, OD). Gathering instead of scattering needs no float atomics and sums in a fixed
+order, so the bits repeat. Flat offsets are int64. The index arithmetic every kernel shares (a
+flat index split into plane and coordinates, the output range that covers an input coordinate)
+is written once, as device functions.
+
+Max pooling takes a dilation (taps at ``start + k * dilation``), and both take PyTorch's ceil
+mode: only the output size changes (:func:`cnnfast.shapes.output_size`); windows are clipped to
+the input, so ceil mode's overhang is never read. Average pooling divides each window by its
+entry of a divisor map (:func:`cnnfast.shapes.avg_pool_divisor`: count_include_pad, or the
+in-bounds count, or divisor_override), a small device table cached per geometry.
 
 The contract's ``max_pool_backward(gy, idx, x_shape)`` is not told the window geometry, so by
 default a first pass over ``idx`` records, per axis and input coordinate, the range of output
 coordinates that selected it (block-local shared-memory tables merged with integer atomic
 min/max: exact, order-free); that range lies inside the geometric one, so the gather visits no
 more windows than it would with the geometry. Callers that know the geometry may pass it
-(``kernel=``, ``stride=``, ``padding=``) and skip that pass.
+(``kernel=``, ``stride=``, ``padding=``, ``dilation=``) and skip that pass.
 """
 
 from __future__ import annotations
@@ -23,34 +31,59 @@ import numpy as np
 from numba import cuda, int32
 
 from cnnfast.cuda import _runtime as rt
-from cnnfast.shapes import output_size
+from cnnfast.shapes import avg_pool_divisor, output_size
 
 Ints = tuple[int, ...]
 
 _MAX_BLOCKS = 4096  # grid-stride kernels: enough blocks to fill a large GPU a few times over
+_GEO = 19  # entries of a geometry tuple (see _geometry)
 
 
-def _geometry(x_shape: Ints, kernel: Ints, stride: Ints, padding: Ints) -> tuple[int, ...]:
-    """(planes, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, OD, OH, OW), 2D lifted to 3D."""
+def _geometry(x_shape: Ints, kernel: Ints, stride: Ints, padding: Ints,
+              dilation: Ints | None = None, ceil_mode: bool = False) -> tuple[int, ...]:
+    """(planes, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW), 2D lifted
+    to 3D."""
     lift = 3 - (len(x_shape) - 2)
     size = [1] * lift + [int(s) for s in x_shape[2:]]
     kernel = [1] * lift + [int(k) for k in kernel]
     stride = [1] * lift + [int(s) for s in stride]
     padding = [0] * lift + [int(p) for p in padding]
-    out = output_size(size, kernel, stride, padding)
+    dilation = [1] * lift + [int(d) for d in (dilation or (1,) * (3 - lift))]
+    out = output_size(size, kernel, stride, padding, dilation, ceil_mode)
     planes = int(x_shape[0]) * int(x_shape[1])
-    return (planes, *size, *kernel, *stride, *padding, *out)
+    return (planes, *size, *kernel, *stride, *padding, *dilation, *out)
 
 
 def _out_shape(x_shape: Ints, geo) -> tuple[int, ...]:
     nd = len(x_shape) - 2
-    return tuple(int(s) for s in x_shape[:2]) + tuple(geo[16 - nd:16])
+    return tuple(int(s) for s in x_shape[:2]) + tuple(geo[_GEO - nd:_GEO])
 
 
 def _grid(total: int) -> tuple[int, int]:
     threads = rt.current_config().threads
     return max(1, min(rt.cdiv(total, threads), _MAX_BLOCKS)), threads
 
+
+# --- index arithmetic shared by the kernels (device functions) ---------------------------------
+
+@cuda.jit(device=True)
+def _split(i, A, B, C):
+    """Flat index i over (planes, A, B, C) -> (plane, a, b, c)."""
+    c = i % C
+    q = i // C
+    b = q % B
+    q //= B
+    return q // A, q % A, b, c
+
+
+@cuda.jit(device=True)
+def _covering(s, P, K, S, OUT):
+    """The output coordinates [lo, hi] along one axis whose window (no dilation) holds input
+    coordinate s: ceil((s + P - K + 1) / S) to floor((s + P) / S), clipped to [0, OUT)."""
+    return max(0, (s + P - K + S) // S), min(OUT - 1, (s + P) // S)
+
+
+# --- kernels ------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def _max_forward_kernel(dtype: np.dtype):
@@ -59,26 +92,23 @@ def _max_forward_kernel(dtype: np.dtype):
     @cuda.jit
     def max_pool_forward_kernel(x, y, idx, geo, total):
         # Each thread computes output elements y[p, od, oh, ow] and idx (grid-stride over the
-        # flat output): the first maximum of the window in scan order, a NaN counting as one.
-        (P, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, OD, OH, OW) = geo
+        # flat output): the first maximum of the window's in-bounds taps in scan order, a NaN
+        # counting as one.
+        (P, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW) = geo
         i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         while i < total:
-            ow = i % OW
-            q = i // OW
-            oh = q % OH
-            q //= OH
-            od = q % OD
-            plane = (q // OD) * (D * H * W)
+            p, od, oh, ow = _split(i, OD, OH, OW)
+            plane = p * (D * H * W)
             best = zero
             best_at = -1
             for kd in range(KD):
-                d = od * SD - PD + kd
+                d = od * SD - PD + kd * DD
                 if 0 <= d < D:
                     for kh in range(KH):
-                        h = oh * SH - PH + kh
+                        h = oh * SH - PH + kh * DH
                         if 0 <= h < H:
                             for kw in range(KW):
-                                w = ow * SW - PW + kw
+                                w = ow * SW - PW + kw * DW
                                 if 0 <= w < W:
                                     at = (d * H + h) * W + w
                                     v = x[plane + at]
@@ -102,7 +132,7 @@ def _max_reach_kernel(in_shared: bool):
         # per axis, the output-coordinate range [first, last] recorded for the input coordinate
         # idx[o] lies at: reach = (first_d, first_h, first_w, last_d, last_h, last_w). Per block
         # in shared memory, then merged into reach; integer min/max, so the result is exact.
-        (P, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, OD, OH, OW) = geo
+        (P, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW) = geo
         span = D + H + W
         plane_size = D * H * W
         table = reach
@@ -118,21 +148,16 @@ def _max_reach_kernel(in_shared: bool):
         while i < total:
             at = idx[i]
             if 0 <= at < plane_size:  # -1 (empty window) and stray values name no input
-                ow = int32(i % OW)
-                q = i // OW
-                oh = int32(q % OH)
-                od = int32((q // OH) % OD)
-                w = at % W
-                q = at // W
-                h = D + q % H
-                d = q // H
+                _, od, oh, ow = _split(i, OD, OH, OW)
+                _, d, h, w = _split(at, D, H, W)
+                h += D
                 w += D + H
-                cuda.atomic.min(table, d, od)
-                cuda.atomic.max(table, span + d, od)
-                cuda.atomic.min(table, h, oh)
-                cuda.atomic.max(table, span + h, oh)
-                cuda.atomic.min(table, w, ow)
-                cuda.atomic.max(table, span + w, ow)
+                cuda.atomic.min(table, d, int32(od))
+                cuda.atomic.max(table, span + d, int32(od))
+                cuda.atomic.min(table, h, int32(oh))
+                cuda.atomic.max(table, span + h, int32(oh))
+                cuda.atomic.min(table, w, int32(ow))
+                cuda.atomic.max(table, span + w, int32(ow))
             i += cuda.gridDim.x * cuda.blockDim.x
         if in_shared:
             cuda.syncthreads()
@@ -155,16 +180,12 @@ def _max_backward_kernel(dtype: np.dtype):
         # Each thread computes input gradients gx[p, d, h, w] (grid-stride over the flat input):
         # the sum, in output order, of gy over the windows whose idx names (d, h, w); only
         # output coordinates in reach[d], reach[h], reach[w] can, so only those are visited.
-        (P, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, OD, OH, OW) = geo
+        (P, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW) = geo
         span = D + H + W
         j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         while j < total:
-            w = j % W
-            q = j // W
-            h = q % H
-            q //= H
-            d = q % D
-            out_plane = (q // D) * (OD * OH * OW)
+            p, d, h, w = _split(j, D, H, W)
+            out_plane = p * (OD * OH * OW)
             at = (d * H + h) * W + w
             total_g = zero
             for od in range(reach[d], reach[span + d] + 1):
@@ -182,22 +203,16 @@ def _max_backward_kernel(dtype: np.dtype):
 @functools.lru_cache(maxsize=None)
 def _avg_forward_kernel(dtype: np.dtype):
     zero = dtype.type(0)
-    nbt = rt.nb_type(dtype)
 
     @cuda.jit
-    def avg_pool_forward_kernel(x, y, geo, total):
+    def avg_pool_forward_kernel(x, divisor, y, geo, total):
         # Each thread computes output elements y[p, od, oh, ow] (grid-stride over the flat
-        # output): the window's in-bounds sum over prod(kernel), padding counted as zeros.
-        (P, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, OD, OH, OW) = geo
-        divisor = nbt(KD * KH * KW)
+        # output): the window's in-bounds sum over divisor[od, oh, ow].
+        (P, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW) = geo
         i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         while i < total:
-            ow = i % OW
-            q = i // OW
-            oh = q % OH
-            q //= OH
-            od = q % OD
-            plane = (q // OD) * (D * H * W)
+            p, od, oh, ow = _split(i, OD, OH, OW)
+            plane = p * (D * H * W)
             window = zero
             for kd in range(KD):
                 d = od * SD - PD + kd
@@ -209,7 +224,7 @@ def _avg_forward_kernel(dtype: np.dtype):
                                 w = ow * SW - PW + kw
                                 if 0 <= w < W:
                                     window += x[plane + (d * H + h) * W + w]
-            y[i] = window / divisor
+            y[i] = window / divisor[(od * OH + oh) * OW + ow]
             i += cuda.gridDim.x * cuda.blockDim.x
 
     return avg_pool_forward_kernel
@@ -218,43 +233,36 @@ def _avg_forward_kernel(dtype: np.dtype):
 @functools.lru_cache(maxsize=None)
 def _avg_backward_kernel(dtype: np.dtype):
     zero = dtype.type(0)
-    nbt = rt.nb_type(dtype)
 
     @cuda.jit
-    def avg_pool_backward_kernel(gy, gx, geo, total):
+    def avg_pool_backward_kernel(gy, divisor, gx, geo, total):
         # Each thread computes input gradients gx[p, d, h, w] (grid-stride over the flat input):
-        # the sum of gy / prod(kernel) over the windows holding (d, h, w).
-        (P, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, OD, OH, OW) = geo
-        divisor = nbt(KD * KH * KW)
+        # the sum of gy / divisor over the windows holding (d, h, w).
+        (P, D, H, W, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW) = geo
         j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
         while j < total:
-            w = j % W
-            q = j // W
-            h = q % H
-            q //= H
-            d = q % D
-            out_plane = (q // D) * (OD * OH * OW)
-            od_lo = max(0, (d + PD - KD + SD) // SD)
-            od_hi = min(OD - 1, (d + PD) // SD)
-            oh_lo = max(0, (h + PH - KH + SH) // SH)
-            oh_hi = min(OH - 1, (h + PH) // SH)
-            ow_lo = max(0, (w + PW - KW + SW) // SW)
-            ow_hi = min(OW - 1, (w + PW) // SW)
+            p, d, h, w = _split(j, D, H, W)
+            out_plane = p * (OD * OH * OW)
+            od_lo, od_hi = _covering(d, PD, KD, SD, OD)
+            oh_lo, oh_hi = _covering(h, PH, KH, SH, OH)
+            ow_lo, ow_hi = _covering(w, PW, KW, SW, OW)
             total_g = zero
             for od in range(od_lo, od_hi + 1):
                 for oh in range(oh_lo, oh_hi + 1):
                     for ow in range(ow_lo, ow_hi + 1):
-                        total_g += gy[out_plane + (od * OH + oh) * OW + ow] / divisor
+                        o = (od * OH + oh) * OW + ow
+                        total_g += gy[out_plane + o] / divisor[o]
             gx[j] = total_g
             j += cuda.gridDim.x * cuda.blockDim.x
 
     return avg_pool_backward_kernel
 
 
-def max_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints):
+def max_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints, dilation: Ints | None = None,
+                     ceil_mode: bool = False):
     """x (N, C, *S) -> (y, idx), both (N, C, *O); idx (int64) is the flat index, within one
     (n, c) plane of the unpadded input, of the window's first maximum (padding never wins)."""
-    geo = _geometry(x.shape, kernel, stride, padding)
+    geo = _geometry(x.shape, kernel, stride, padding, dilation, ceil_mode)
     shape = _out_shape(x.shape, geo)
     y = rt.empty(shape, x.dtype, like=x)
     idx = rt.empty(shape, np.int64, like=x)
@@ -266,12 +274,14 @@ def max_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints):
 
 def _reach_from_geometry(geo) -> np.ndarray:
     """Host reach table from the window geometry: per axis and input coordinate s, the output
-    coordinates [ceil((s + P - K + 1) / S), floor((s + P) / S)] (clipped) whose window holds s."""
-    size, kernel, stride, padding, out = geo[1:4], geo[4:7], geo[7:10], geo[10:13], geo[13:16]
+    coordinates [ceil((s + P - dilation * (K - 1)) / S), floor((s + P) / S)] (clipped) whose
+    window can hold s."""
+    size, kernel, stride, padding = geo[1:4], geo[4:7], geo[7:10], geo[10:13]
+    dilation, out = geo[13:16], geo[16:19]
     first, last = [], []
-    for n, k, st, p, o in zip(size, kernel, stride, padding, out):
+    for n, k, st, p, dl, o in zip(size, kernel, stride, padding, dilation, out):
         s = np.arange(n)
-        first.append(np.maximum(0, (s + p - k + st) // st))
+        first.append(np.maximum(0, (s + p - dl * (k - 1) + st - 1) // st))
         last.append(np.minimum(o - 1, (s + p) // st))
     return np.concatenate(first + last).astype(np.int32)
 
@@ -292,13 +302,14 @@ def _infer_reach(idx, geo):
 
 
 def max_pool_backward(gy, idx, x_shape: Ints, *, kernel: Ints | None = None,
-                      stride: Ints | None = None, padding: Ints | None = None):
+                      stride: Ints | None = None, padding: Ints | None = None,
+                      dilation: Ints | None = None):
     """gy, idx (N, C, *O) -> gx (x_shape); each gy element goes to the input its idx names.
 
     A gather: each input element sums, in output order, the gy of the windows whose idx names
     it. Which output coordinates to visit comes from the window geometry when ``kernel``,
-    ``stride`` and ``padding`` are given (optional, beyond the contract), else from a first
-    pass over idx (integer atomics, exact).
+    ``stride`` and ``padding`` (and ``dilation``) are given (optional, beyond the contract),
+    else from a first pass over idx (integer atomics, exact).
     """
     x_shape = tuple(int(s) for s in x_shape)
     nd = len(x_shape) - 2
@@ -309,13 +320,13 @@ def max_pool_backward(gy, idx, x_shape: Ints, *, kernel: Ints | None = None,
     if gy.size == 0:
         gx[...] = 0
         return gx
+    # Only sizes matter to the reach pass and the gather; the window fields are placeholders.
+    geo = _geometry(x_shape, (1,) * nd, (1,) * nd, (0,) * nd)
+    geo = geo[:_GEO - 3] + (1,) * (3 - nd) + out
     if kernel is None:
-        # Only sizes matter to the reach pass and the gather; (1, 1, 0) are placeholders.
-        geo = _geometry(x_shape, (1,) * nd, (1,) * nd, (0,) * nd)
-        geo = geo[:13] + (1,) * (3 - nd) + out
         reach = _infer_reach(idx, geo)
     else:
-        geo = _geometry(x_shape, kernel, stride, padding)
+        geo = _geometry(x_shape, kernel, stride, padding, dilation)[:_GEO - 3] + geo[_GEO - 3:]
         reach = rt.cached_table(("max_pool_reach",) + geo[1:], lambda: _reach_from_geometry(geo),
                                 like=gy)
     rt.launch(_max_backward_kernel(np.dtype(gy.dtype)), *_grid(gx.size),
@@ -323,22 +334,42 @@ def max_pool_backward(gy, idx, x_shape: Ints, *, kernel: Ints | None = None,
     return gx
 
 
-def avg_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints):
-    """x (N, C, *S) -> y (N, C, *O); divisor prod(kernel) everywhere (count_include_pad)."""
-    geo = _geometry(x.shape, kernel, stride, padding)
+def _avg_setup(x_shape: Ints, kernel: Ints, stride: Ints, padding: Ints, ceil_mode: bool,
+               count_include_pad: bool, divisor_override: int | None, like):
+    """Geometry and the device divisor map (flat over O) of average pooling."""
+    geo = _geometry(x_shape, kernel, stride, padding, None, ceil_mode)
+    key = ("avg_pool_divisor", np.dtype(like.dtype).str, count_include_pad, divisor_override,
+           *geo[1:])
+
+    def build():
+        divisor = avg_pool_divisor(geo[1:4], geo[4:7], geo[7:10], geo[10:13], geo[16:19],
+                                   count_include_pad, divisor_override)
+        return divisor.reshape(-1).astype(like.dtype)
+
+    return geo, rt.cached_table(key, build, like=like)
+
+
+def avg_pool_forward(x, kernel: Ints, stride: Ints, padding: Ints, ceil_mode: bool = False,
+                     count_include_pad: bool = True, divisor_override: int | None = None):
+    """x (N, C, *S) -> y (N, C, *O); each window's in-bounds sum over its divisor."""
+    geo, divisor = _avg_setup(x.shape, kernel, stride, padding, ceil_mode, count_include_pad,
+                              divisor_override, x)
     y = rt.empty(_out_shape(x.shape, geo), x.dtype, like=x)
     if y.size:
         rt.launch(_avg_forward_kernel(np.dtype(x.dtype)), *_grid(y.size),
-                  rt.flat(x), y.reshape(-1), geo, y.size)
+                  rt.flat(x), divisor, y.reshape(-1), geo, y.size)
     return y
 
 
-def avg_pool_backward(gy, x_shape: Ints, kernel: Ints, stride: Ints, padding: Ints):
+def avg_pool_backward(gy, x_shape: Ints, kernel: Ints, stride: Ints, padding: Ints,
+                      ceil_mode: bool = False, count_include_pad: bool = True,
+                      divisor_override: int | None = None):
     """gy (N, C, *O) -> gx (x_shape = (N, C, *S))."""
     x_shape = tuple(int(s) for s in x_shape)
-    geo = _geometry(x_shape, kernel, stride, padding)
+    geo, divisor = _avg_setup(x_shape, kernel, stride, padding, ceil_mode, count_include_pad,
+                              divisor_override, gy)
     gx = rt.empty(x_shape, gy.dtype, like=gy)
     if gx.size:
         rt.launch(_avg_backward_kernel(np.dtype(gy.dtype)), *_grid(gx.size),
-                  rt.flat(gy), gx.reshape(-1), geo, gx.size)
+                  rt.flat(gy), divisor, gx.reshape(-1), geo, gx.size)
     return gx

@@ -103,35 +103,78 @@ class Conv3d(_ConvNd):
                         self.groups)
 
 
-class _Pool(Module):
+class _MaxPool(Module):
+    """Max pooling with PyTorch's arguments (see :func:`cnnfast.functional.max_pool2d`)."""
+
     function = None
 
     def __init__(self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None,
-                 padding: IntOrTuple = 0):
+                 padding: IntOrTuple = 0, dilation: IntOrTuple = 1, return_indices: bool = False,
+                 ceil_mode: bool = False):
         super().__init__()
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.dilation, self.return_indices, self.ceil_mode = dilation, return_indices, ceil_mode
 
     def forward(self, x):
-        return type(self).function(x, self.kernel_size, self.stride, self.padding)
+        return type(self).function(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                   self.ceil_mode, self.return_indices)
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}, ceil_mode={self.ceil_mode}")
 
 
-class MaxPool2d(_Pool):
+class _AvgPool(Module):
+    """Average pooling with PyTorch's arguments (see :func:`cnnfast.functional.avg_pool2d`)."""
+
+    function = None
+
+    def __init__(self, kernel_size: IntOrTuple, stride: IntOrTuple | None = None,
+                 padding: IntOrTuple = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+                 divisor_override: int | None = None):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.ceil_mode, self.count_include_pad = ceil_mode, count_include_pad
+        self.divisor_override = divisor_override
+
+    def forward(self, x):
+        return type(self).function(x, self.kernel_size, self.stride, self.padding,
+                                   self.ceil_mode, self.count_include_pad, self.divisor_override)
+
+    def extra_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"ceil_mode={self.ceil_mode}, count_include_pad={self.count_include_pad}")
+
+
+class MaxPool2d(_MaxPool):
     function = staticmethod(F.max_pool2d)
 
 
-class MaxPool3d(_Pool):
+class MaxPool3d(_MaxPool):
     function = staticmethod(F.max_pool3d)
 
 
-class AvgPool2d(_Pool):
+class AvgPool2d(_AvgPool):
     function = staticmethod(F.avg_pool2d)
 
 
-class AvgPool3d(_Pool):
+class AvgPool3d(_AvgPool):
     function = staticmethod(F.avg_pool3d)
+
+
+class ConstantPad(Module):
+    """``F.pad(x, padding, value=value)`` as a module (PyTorch's ``ConstantPadNd``; ``padding``
+    last axis first: ``(left, right, top, bottom, ...)``)."""
+
+    def __init__(self, padding: Sequence[int], value: float = 0.0):
+        super().__init__()
+        self.padding, self.value = tuple(padding), value
+
+    def forward(self, x):
+        return F.pad(x, self.padding, "constant", self.value)
+
+    def extra_repr(self) -> str:
+        return f"padding={self.padding}, value={self.value}"
 
 
 class AdaptiveAvgPool2d(Module):
