@@ -484,12 +484,13 @@ def _plot_gradcam(model, dataset, scores, norm, args, out: Path) -> Path:
     """gradcam.png: heatmaps of the predicted class over the first --gradcam test images."""
     import cnnfast
     from cnnfast import viz
+    from cnnfast.dataset import MULTILABEL
 
     n = min(args.gradcam, len(dataset.test))
     images = dataset.test.images[:n]
     heat = viz.grad_cam(model, cnnfast.tensor(norm(images), device=args.device))
     titles = viz.gradcam_titles(dataset.test.labels[:n], scores[:n], dataset.label_names,
-                                dataset.task == "multi-label, binary-class")
+                                dataset.task == MULTILABEL)
     note = " (middle slices)" if dataset.spatial_dims == 3 else ""
     return viz.plot_gradcam(images, heat, out / "gradcam.png", titles,
                             title=f"Grad-CAM of the predicted class, {dataset.name} test "
@@ -541,7 +542,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import warnings
 
     from cnnfast.checkpoint import CheckpointError, load_checkpoint
-    from cnnfast.data import Normalization
+    from cnnfast.dataset import Normalization
     from cnnfast.predict import load_inputs, predict_probabilities, write_csv
     from cnnfast.train import model_from_checkpoint
 
@@ -586,11 +587,12 @@ def _write_gradcams(args, model, inputs, norm, probabilities, labels, task) -> l
     """One PNG per input (up to --gradcam-max): the heatmap of the predicted class over it."""
     import cnnfast
     from cnnfast import viz
+    from cnnfast.dataset import MULTILABEL
 
     folder = Path(args.gradcam)
     folder.mkdir(parents=True, exist_ok=True)
     count = min(len(inputs.names), args.gradcam_max)
-    multilabel = task == "multi-label, binary-class"
+    multilabel = task == MULTILABEL
     paths = []
     for start in range(0, count, args.batch_size):
         stop = min(count, start + args.batch_size)

@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from cnnfast import nn
+from cnnfast._io import atomic_write
 from cnnfast.models import BasicBlock, ResNet, SmallCNN
 from cnnfast.shapes import output_size
 
@@ -282,7 +283,7 @@ def build_onnx(model: nn.Module, input_shape: Sequence[int], *, normalization=No
     """
     onnx = _onnx()
     from cnnfast import __version__
-    from cnnfast.data import MULTILABEL
+    from cnnfast.dataset import MULTILABEL
 
     input_shape = tuple(int(s) for s in input_shape)
     spatial_dims = getattr(model, "spatial_dims", None)
@@ -356,7 +357,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     """
     proto = build_onnx(model, input_shape, normalization=normalization, task=task,
                        label_names=label_names, opset=opset, output=output)
-    return _write_bytes(Path(path), proto.SerializeToString())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        f.write(proto.SerializeToString())
+    return path
 
 
 def export_checkpoint(checkpoint, path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> Path:
@@ -376,19 +381,3 @@ def export_checkpoint(checkpoint, path: str | os.PathLike, opset: int = DEFAULT_
                    *[int(s) for s in data["image_shape"]])
     return export_onnx(model, path, input_shape, normalization=ckpt.normalization,
                        task=ckpt.task, label_names=ckpt.label_names or None, opset=opset)
-
-
-def _write_bytes(path: Path, data: bytes) -> Path:
-    """Write to a temporary file beside ``path``, fsync, rename: never a half-written model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path

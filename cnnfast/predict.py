@@ -11,7 +11,7 @@ stored them, plus one name per image:
   warning) when their size differs; names are the file names.
 
 Files are taken in sorted name order. Anything unreadable or of the wrong shape raises
-:class:`~cnnfast.data.DataError` naming the file.
+:class:`~cnnfast.dataset.DataError` naming the file.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cnnfast.data import DataError
+from cnnfast._io import atomic_write
+from cnnfast.dataset import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -162,21 +163,12 @@ def predict_probabilities(model, images: np.ndarray, normalization: Callable, ta
 def write_csv(path: str | os.PathLike, names: Sequence[str], probabilities: np.ndarray,
               label_names: Sequence[str], name_column: str = "index") -> Path:
     """A CSV with ``name_column`` then one probability column per label name, written
-    atomically (temporary file, fsync, rename)."""
+    atomically (:func:`cnnfast._io.atomic_write`)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([name_column, *label_names])
     for name, row in zip(names, probabilities):
         writer.writerow([name, *(f"{p:.6g}" for p in row)])
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(buffer.getvalue())
+    return Path(path)
