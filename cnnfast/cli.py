@@ -522,13 +522,24 @@ def cmd_bench(argv: Sequence[str]) -> int:
 # --- export and predict (models leaving cnnfast) ------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cnnfast.export import ExportError, export_checkpoint
+    from cnnfast.checkpoint import CheckpointError, load_checkpoint
+    from cnnfast.export import ExportError, export_onnx
+    from cnnfast.train import model_from_checkpoint
 
     out = Path(args.out)
     if out.is_dir():
         raise CLIError(f"--out {out} is a directory; give a file name such as model.onnx")
+    ckpt = load_checkpoint(args.checkpoint)
+    data = ckpt.header.get("data", {})
+    if "image_shape" not in data:
+        raise CheckpointError(f"{args.checkpoint}: its header records no image shape "
+                              f"(data.image_shape), which the ONNX graph needs")
+    channels = data.get("in_channels", ckpt.model_config.get("kwargs", {}).get("in_channels", 1))
+    model = model_from_checkpoint(ckpt)
     try:
-        path = export_checkpoint(args.checkpoint, out, opset=args.opset)
+        path = export_onnx(model, out, (int(channels), *map(int, data["image_shape"])),
+                           normalization=ckpt.normalization, task=ckpt.task,
+                           label_names=ckpt.label_names or None, opset=args.opset)
     except ImportError as exc:
         raise CLIError(str(exc)) from None
     except ExportError as exc:

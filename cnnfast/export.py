@@ -282,7 +282,7 @@ def build_onnx(model: nn.Module, input_shape: Sequence[int], *, normalization=No
     (``"multi-label, binary-class"``); ``output="logits"`` returns the logits instead.
     """
     onnx = _onnx()
-    from cnnfast import __version__
+    from cnnfast._version import __version__
     from cnnfast.dataset import MULTILABEL
 
     input_shape = tuple(int(s) for s in input_shape)
@@ -362,22 +362,3 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence
     with atomic_write(path) as f:
         f.write(proto.SerializeToString())
     return path
-
-
-def export_checkpoint(checkpoint, path: str | os.PathLike, opset: int = DEFAULT_OPSET) -> Path:
-    """Export a checkpoint (a path or a loaded :class:`~cnnfast.checkpoint.Checkpoint`) with the
-    normalisation, task, label names and image shape its header records."""
-    from cnnfast.checkpoint import Checkpoint, CheckpointError, load_checkpoint
-    from cnnfast.train import model_from_checkpoint
-
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt)
-    data = ckpt.header.get("data", {})
-    kwargs = ckpt.model_config.get("kwargs", {})
-    if "image_shape" not in data:
-        raise CheckpointError(f"{ckpt.path or 'checkpoint'}: its header records no image shape "
-                              f"(data.image_shape), which the ONNX graph needs")
-    input_shape = (int(data.get("in_channels", kwargs.get("in_channels", 1))),
-                   *[int(s) for s in data["image_shape"]])
-    return export_onnx(model, path, input_shape, normalization=ckpt.normalization,
-                       task=ckpt.task, label_names=ckpt.label_names or None, opset=opset)
