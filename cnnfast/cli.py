@@ -475,26 +475,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     plots = viz.plot_all(model, dataset, scores, ckpt.header.get("history"), out,
                          normalization=norm, index=args.index)
     if args.gradcam:
-        plots["gradcam"] = _plot_gradcam(model, dataset, scores, norm, args, out)
+        plots["gradcam"] = viz.plot_gradcam_split(model, dataset, scores, norm,
+                                                  out / "gradcam.png", args.gradcam, args.device)
     print("plots: " + "\n       ".join(str(p) for p in plots.values()))
     return 0
-
-
-def _plot_gradcam(model, dataset, scores, norm, args, out: Path) -> Path:
-    """gradcam.png: heatmaps of the predicted class over the first --gradcam test images."""
-    import cnnfast
-    from cnnfast import viz
-    from cnnfast.dataset import MULTILABEL
-
-    n = min(args.gradcam, len(dataset.test))
-    images = dataset.test.images[:n]
-    heat = viz.grad_cam(model, cnnfast.tensor(norm(images), device=args.device))
-    titles = viz.gradcam_titles(dataset.test.labels[:n], scores[:n], dataset.label_names,
-                                dataset.task == MULTILABEL)
-    note = " (middle slices)" if dataset.spatial_dims == 3 else ""
-    return viz.plot_gradcam(images, heat, out / "gradcam.png", titles,
-                            title=f"Grad-CAM of the predicted class, {dataset.name} test "
-                                  f"images{note}")
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -522,27 +506,14 @@ def cmd_bench(argv: Sequence[str]) -> int:
 # --- export and predict (models leaving cnnfast) ------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cnnfast.checkpoint import CheckpointError, load_checkpoint
-    from cnnfast.export import ExportError, export_onnx
-    from cnnfast.train import model_from_checkpoint
+    from cnnfast.export import ExportError
+    from cnnfast.predict import export_checkpoint
 
-    out = Path(args.out)
-    if out.is_dir():
-        raise CLIError(f"--out {out} is a directory; give a file name such as model.onnx")
-    ckpt = load_checkpoint(args.checkpoint)
-    data = ckpt.header.get("data", {})
-    if "image_shape" not in data:
-        raise CheckpointError(f"{args.checkpoint}: its header records no image shape "
-                              f"(data.image_shape), which the ONNX graph needs")
-    channels = data.get("in_channels", ckpt.model_config.get("kwargs", {}).get("in_channels", 1))
-    model = model_from_checkpoint(ckpt)
+    if Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} is a directory; give a file name such as model.onnx")
     try:
-        path = export_onnx(model, out, (int(channels), *map(int, data["image_shape"])),
-                           normalization=ckpt.normalization, task=ckpt.task,
-                           label_names=ckpt.label_names or None, opset=args.opset)
-    except ImportError as exc:
-        raise CLIError(str(exc)) from None
-    except ExportError as exc:
+        path = export_checkpoint(args.checkpoint, args.out, opset=args.opset)
+    except (ImportError, ExportError) as exc:
         raise CLIError(f"cannot export {args.checkpoint}: {exc}") from None
     print(f"ONNX model written to {path} (opset {args.opset}; input: raw images N x C x ..., "
           f"float32; output: class probabilities)")
@@ -552,72 +523,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import warnings
 
-    from cnnfast.checkpoint import CheckpointError, load_checkpoint
-    from cnnfast.dataset import Normalization
-    from cnnfast.predict import load_inputs, predict_probabilities, write_csv
-    from cnnfast.train import model_from_checkpoint
+    from cnnfast.predict import predict_checkpoint
 
     _check_device(args.device)
-    out = Path(args.out)
-    if out.is_dir():
-        raise CLIError(f"--out {out} is a directory; give a file name such as preds.csv")
+    if Path(args.out).is_dir():
+        raise CLIError(f"--out {args.out} is a directory; give a file name such as preds.csv")
     if args.gradcam:
         _check_writable(Path(args.gradcam))
-    ckpt = load_checkpoint(args.checkpoint)
-    kwargs = ckpt.model_config.get("kwargs", {})
-    data_info = ckpt.header.get("data", {})
-    if "image_shape" not in data_info:
-        raise CheckpointError(f"{args.checkpoint}: its header records no image shape "
-                              f"(data.image_shape), which predict needs")
-    model = model_from_checkpoint(ckpt, device=args.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        inputs = load_inputs(args.data, args.split,
-                             int(data_info.get("in_channels", kwargs.get("in_channels", 1))),
-                             data_info["image_shape"], load_dataset=lambda _: _load_data(args))
+        result = predict_checkpoint(args.checkpoint, args.data, args.out, split=args.split,
+                                    batch_size=args.batch_size, device=args.device,
+                                    gradcam=args.gradcam, gradcam_max=args.gradcam_max,
+                                    progress=not args.no_progress,
+                                    load_dataset=lambda _: _load_data(args))
     for w in caught:
         print(f"cnnfast predict: warning: {w.message}", file=sys.stderr)
-    norm = (Normalization.from_dict(ckpt.normalization) if ckpt.normalization
-            else Normalization.medmnist(len(data_info["image_shape"]), inputs.images.dtype))
-    task = ckpt.task or "multi-class"
-    probabilities = predict_probabilities(model, inputs.images, norm, task, args.batch_size,
-                                          args.device, progress=not args.no_progress)
-    labels = ckpt.label_names or [f"class {i}" for i in range(probabilities.shape[1])]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(out, inputs.names, probabilities, labels, inputs.name_column)
-    print(f"{len(inputs.names)} predictions written to {out} ({', '.join(labels)})")
+    print(f"{result.count} predictions written to {args.out} ({', '.join(result.labels)})")
     if args.gradcam:
-        paths = _write_gradcams(args, model, inputs, norm, probabilities, labels, task)
-        print(f"{len(paths)} Grad-CAM heatmaps written to {args.gradcam}"
-              + (f" (the first {args.gradcam_max} of {len(inputs.names)} inputs; "
-                 f"see --gradcam-max)" if len(paths) < len(inputs.names) else ""))
+        print(f"{len(result.heatmaps)} Grad-CAM heatmaps written to {args.gradcam}"
+              + (f" (the first {args.gradcam_max}; see --gradcam-max)"
+                 if len(result.heatmaps) < result.count else ""))
     return 0
-
-
-def _write_gradcams(args, model, inputs, norm, probabilities, labels, task) -> list[Path]:
-    """One PNG per input (up to --gradcam-max): the heatmap of the predicted class over it."""
-    import cnnfast
-    from cnnfast import viz
-    from cnnfast.dataset import MULTILABEL
-
-    folder = Path(args.gradcam)
-    folder.mkdir(parents=True, exist_ok=True)
-    count = min(len(inputs.names), args.gradcam_max)
-    multilabel = task == MULTILABEL
-    paths = []
-    for start in range(0, count, args.batch_size):
-        stop = min(count, start + args.batch_size)
-        x = cnnfast.tensor(norm(inputs.images[start:stop]), device=args.device)
-        heat = viz.grad_cam(model, x)
-        true = None if inputs.labels is None else inputs.labels[start:stop]
-        titles = viz.gradcam_titles(true, probabilities[start:stop], labels, multilabel,
-                                    inputs.names[start:stop])
-        for i in range(stop - start):
-            stem = Path(inputs.names[start + i]).stem
-            paths.append(viz.plot_gradcam(inputs.images[start + i:start + i + 1], heat[i:i + 1],
-                                          folder / f"gradcam_{stem}.png", titles[i:i + 1],
-                                          title="Grad-CAM of the predicted class"))
-    return paths
 
 
 def _add_border_parsers(sub) -> None:

@@ -172,3 +172,102 @@ def write_csv(path: str | os.PathLike, names: Sequence[str], probabilities: np.n
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(buffer.getvalue())
     return Path(path)
+
+
+# --- a checkpoint's predictions and export ------------------------------------------------------
+
+@dataclass
+class PredictResult:
+    """What :func:`predict_checkpoint` wrote: ``count`` rows, its ``labels`` columns, the
+    heatmap PNGs."""
+
+    count: int
+    labels: list[str]
+    heatmaps: list[Path]
+
+
+def _image_spec(ckpt) -> tuple[int, tuple[int, ...]]:
+    """(channels, image shape) a checkpoint's model was trained on, from its header."""
+    from cnnfast.checkpoint import CheckpointError
+
+    data = ckpt.header.get("data", {})
+    if "image_shape" not in data:
+        raise CheckpointError(f"{ckpt.path or 'checkpoint'}: its header records no image shape "
+                              f"(data.image_shape), which this needs")
+    channels = data.get("in_channels", ckpt.model_config.get("kwargs", {}).get("in_channels", 1))
+    return int(channels), tuple(int(s) for s in data["image_shape"])
+
+
+def predict_checkpoint(checkpoint, data: str | os.PathLike, out: str | os.PathLike,
+                       split: str = "test", batch_size: int = 256, device: str = "cpu",
+                       gradcam: str | os.PathLike | None = None, gradcam_max: int = 64,
+                       progress: bool = False, load_dataset: Callable | None = None
+                       ) -> PredictResult:
+    """Write ``out``, a CSV of the probabilities a checkpoint (path or loaded) gives ``data``
+    (see :func:`load_inputs`), and with ``gradcam`` a Grad-CAM PNG of the predicted class for
+    each of the first ``gradcam_max`` inputs into that folder. Resizing warns
+    (``warnings.warn``); bad input raises :class:`~cnnfast.dataset.DataError` or
+    :class:`~cnnfast.checkpoint.CheckpointError` before anything is written."""
+    from cnnfast.checkpoint import Checkpoint, load_checkpoint
+    from cnnfast.dataset import MULTICLASS, Normalization
+    from cnnfast.train import model_from_checkpoint
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    channels, image_shape = _image_spec(ckpt)
+    model = model_from_checkpoint(ckpt, device=device)
+    inputs = load_inputs(data, split, channels, image_shape, load_dataset=load_dataset)
+    norm = (Normalization.from_dict(ckpt.normalization) if ckpt.normalization
+            else Normalization.medmnist(len(image_shape), inputs.images.dtype))
+    task = ckpt.task or MULTICLASS
+    probabilities = predict_probabilities(model, inputs.images, norm, task, batch_size, device,
+                                          progress)
+    labels = ckpt.label_names or [f"class {i}" for i in range(probabilities.shape[1])]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_csv(out, inputs.names, probabilities, labels, inputs.name_column)
+    heatmaps = []
+    if gradcam is not None:
+        heatmaps = write_gradcams(model, inputs, norm, probabilities, labels, task,
+                                  Path(gradcam), gradcam_max, batch_size, device)
+    return PredictResult(len(inputs.names), list(labels), heatmaps)
+
+
+def write_gradcams(model, inputs: Inputs, normalization: Callable, probabilities: np.ndarray,
+                   labels: Sequence[str], task: str, folder: Path, limit: int,
+                   batch_size: int = 256, device: str = "cpu") -> list[Path]:
+    """``folder/gradcam_<name>.png`` for each of the first ``limit`` inputs: the Grad-CAM of the
+    predicted class over the image (3D: its three middle slices), titled with the true label
+    (when known) and the prediction."""
+    import cnnfast
+    from cnnfast import viz
+    from cnnfast.dataset import MULTILABEL
+
+    folder.mkdir(parents=True, exist_ok=True)
+    count = min(len(inputs.names), limit)
+    paths = []
+    for start in range(0, count, batch_size):
+        stop = min(count, start + batch_size)
+        x = cnnfast.tensor(normalization(inputs.images[start:stop]), device=device)
+        heat = viz.grad_cam(model, x)
+        true = None if inputs.labels is None else inputs.labels[start:stop]
+        titles = viz.gradcam_titles(true, probabilities[start:stop], labels, task == MULTILABEL,
+                                    inputs.names[start:stop])
+        for i in range(stop - start):
+            stem = Path(inputs.names[start + i]).stem
+            paths.append(viz.plot_gradcam(inputs.images[start + i:start + i + 1], heat[i:i + 1],
+                                          folder / f"gradcam_{stem}.png", titles[i:i + 1],
+                                          title="Grad-CAM of the predicted class"))
+    return paths
+
+
+def export_checkpoint(checkpoint, out: str | os.PathLike, opset: int = 17) -> Path:
+    """Export a checkpoint (path or loaded) as ONNX with the normalisation, task, label names and
+    image shape its header records (see :func:`cnnfast.export.export_onnx`)."""
+    from cnnfast.checkpoint import Checkpoint, load_checkpoint
+    from cnnfast.export import export_onnx
+    from cnnfast.train import model_from_checkpoint
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    channels, image_shape = _image_spec(ckpt)
+    return export_onnx(model_from_checkpoint(ckpt), out, (channels, *image_shape),
+                       normalization=ckpt.normalization, task=ckpt.task,
+                       label_names=ckpt.label_names or None, opset=opset)

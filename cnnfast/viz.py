@@ -492,3 +492,21 @@ def gradcam_titles(true_labels, scores: np.ndarray, label_names: Sequence[str] |
             true = _label_text(true_labels[i], label_names, multilabel).replace("\n", ", ")
             titles.append(f"{head} true: {true}\npred: {pred}")
     return titles
+
+
+def plot_gradcam_split(model, dataset, scores: np.ndarray, normalization: Callable,
+                       path: str | Path, n: int = 16, device: str = "cpu") -> Path:
+    """Grad-CAM of the predicted class over the first ``n`` test images of ``dataset``, each
+    titled with its true and predicted label (``scores``: the test split's probabilities)."""
+    import cnnfast
+    from cnnfast.dataset import MULTILABEL
+
+    n = min(n, len(dataset.test))
+    images = dataset.test.images[:n]
+    heat = grad_cam(model, cnnfast.tensor(normalization(images), device=device))
+    titles = gradcam_titles(dataset.test.labels[:n], scores[:n], dataset.label_names,
+                            dataset.task == MULTILABEL)
+    note = " (middle slices)" if dataset.spatial_dims == 3 else ""
+    return plot_gradcam(images, heat, path, titles,
+                        title=f"Grad-CAM of the predicted class, {dataset.name} test "
+                              f"images{note}")
