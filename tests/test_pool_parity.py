@@ -173,3 +173,29 @@ def test_bad_arguments_are_refused(call, message):
     x = cnnfast.tensor(np.zeros((1, 1, 6, 6), np.float32))
     with pytest.raises((ValueError, TypeError), match=message):
         call(x)
+
+
+# The pooling and padding cases of tinygrad's test_ops.py that need these arguments, as a user
+# porting them would write them (tinygrad's shapes, batch and channels shrunk where large).
+TINYGRAD_CASES = [
+    *[(op, (1, 1, 6, 6), {"kernel_size": k, "padding": 1, "stride": 3, "ceil_mode": True})
+      for op in ("avg_pool2d", "max_pool2d") for k in [(3, 3), 3, (3, 2), 4]],
+    *[("max_pool2d", (2, 2, 23, 17), {"kernel_size": (5, 5), "dilation": d})
+      for d in [2, (2, 3), (3, 2)]],
+]
+
+
+@pytest.mark.parametrize("case", TINYGRAD_CASES, ids=str)
+def test_tinygrad_op_cases(path, case, rng):
+    t = _torch()
+    name, shape, kwargs = case
+    _compare(lambda a: getattr(F, name)(a, **kwargs),
+             lambda a: getattr(t.nn.functional, name)(a, **kwargs), _distinct(rng, shape), path)
+
+
+def test_tinygrad_avg_pool3d_exclude_pad_forward(path, rng):
+    t = _torch()
+    x = rng.standard_normal((1, 1, 16, 16, 16)).astype(np.float32)
+    kwargs = {"kernel_size": (8, 8, 8), "stride": 5, "padding": 1, "count_include_pad": False}
+    assert_close(F.avg_pool3d(cnnfast.tensor(x, device=path), **kwargs),
+                 t.nn.functional.avg_pool3d(t.tensor(x), **kwargs).numpy())
