@@ -454,3 +454,35 @@ def test_in_process_option():
     report = bench.run_benchmarks(_options(isolation="in-process"))
     assert report["machine"]["workers"] == {"reference": os.getpid()}
     assert all(r["status"] == "ok" and "others_busy" in r for r in report["results"])
+
+
+def test_scaling_sweep_writes_json_and_png(tmp_path, monkeypatch, capsys):
+    """A tiny grid through the command line: every point timed for both paths in workers,
+    time ratios where PyTorch ran, the ImageNet stem above 28 pixels, a PNG beside the JSON."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from cnnfast.bench import scaling
+
+    monkeypatch.setattr(scaling, "REDUCED_GRID", {"smallcnn": (4, 28, (2, 4), (28, 32), True),
+                                                  "resnet18": (2, 28, (), (32,), False)})
+    monkeypatch.setattr(scaling, "_spec", lambda m, s, b: bench.ModelSpec(
+        m, (1, s, s), b, 2, "imagenet" if m == "resnet18" and s > 28 else "small"))
+    monkeypatch.setattr(scaling, "SIZE_SWEEP_BATCH", {"smallcnn": 2, "resnet18": 2})
+    out = tmp_path / "scaling.json"
+    # the reference path: no JIT compilation in the fresh workers, so the test stays short
+    argv = ["--scaling", "--models", "smallcnn,resnet18", "--paths", "reference,torch",
+            "--repeats", "1", "--threads", "2", "--no-progress", "--out", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["schema"] == scaling.SCALING_SCHEMA
+    points = report["points"]
+    sweeps = {(p["model"], p["sweep"]) for p in points}
+    assert sweeps == {("smallcnn", "batch"), ("smallcnn", "size"), ("smallcnn", "threads"),
+                      ("resnet18", "size")}
+    assert {p["threads"] for p in points if p["sweep"] == "threads"} == {1, 2}
+    assert all(p["status"] == "ok" and p["median_s"] > 0 for p in points), points
+    ref = [p for p in points if p["path"] == "reference"]
+    assert all(p["time_vs_torch"] > 0 for p in ref)
+    assert next(p for p in points if p["model"] == "resnet18")["stem"] == "imagenet"
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "time/torch" in capsys.readouterr().out

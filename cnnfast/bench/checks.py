@@ -14,8 +14,8 @@ REFERENCE_SETS = ("r18-28", "tiny")     # where the reference path is timed by d
 REFERENCE_MODELS = ("smallcnn",)
 REFERENCE_MAX_REPEATS = 3
 # Largest reference convolution (FLOPs) checked at the full batch; bigger ones use fewer samples.
-CHECK_FLOPS_FULL = 12e9
-CHECK_FLOPS_QUICK = 4e9
+CHECK_FLOPS_FULL = 6e9    # the check runs twice (float32 and float64)
+CHECK_FLOPS_QUICK = 2e9
 # Every candidate runs twice on the check's inputs, in float64 and in float32, and both results
 # are compared with the reference computed in float64. Errors: ops max |got - ref| / max |ref|,
 # steps the loss's relative error and ||got - ref|| / ||ref|| per gradient.

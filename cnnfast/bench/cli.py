@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.10,
                    help="--compare: slower by more than this fraction is a regression "
                         "(default 0.10)")
+    p.add_argument("--scaling", action="store_true",
+                   help="step time against batch, image size and threads for cpu and torch "
+                        "(a reduced grid, bounded time; JSON and a PNG beside it)")
+    p.add_argument("--scaling-full", action="store_true",
+                   help="the whole scaling grid (batch 1-256, 2D 28-128, 3D 28-64; long)")
     p.add_argument("--in-process", action="store_true",
                    help="time every path in this one process instead of a worker process each "
                         "(their thread pools then compete: see benchmarks/README.md)")
@@ -182,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             for shape_id, set_name in all_shape_ids().items():
                 print(f"{set_name:<8} {shape_id}")
             return 0
+        if args.scaling or args.scaling_full:
+            return _scaling(args)
         options = options_from_args(args)
         if options.cuda_sim:
             _enable_simulator()
@@ -201,6 +208,39 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_write(out, "w") as f:
             json.dump(report, f, indent=1, default=_json_default)
         print(f"report written to {out}")
+    return 0
+
+
+def _scaling(args) -> int:
+    """``--scaling``: run the sweep, print it, write the JSON and the PNG."""
+    from cnnfast.bench.scaling import format_scaling, plot_scaling, run_scaling
+
+    paths = _choices(args.paths, ("reference", "cpu", "torch"), "path") or ("cpu", "torch")
+    models = _choices(args.models, MODELS, "model", {"resnet18-3d": "resnet18_3d"}) or MODELS
+    if args.repeats is not None and args.repeats < 1:
+        raise UsageError(f"--repeats must be a positive number, got {args.repeats}")
+    out = args.out or f"cnnfast-scaling-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    if out != "-" and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise UsageError(f"--out: directory {os.path.dirname(os.path.abspath(out))} does not "
+                         "exist")
+
+    def progress(i, total, point):
+        if not args.no_progress:
+            shape = "x".join(map(str, point.spec.input_shape[1:]))
+            print(f"[{i + 1}/{total}] {point.spec.name} {point.sweep} {shape} batch "
+                  f"{point.spec.batch} threads {point.threads}", file=sys.stderr, flush=True)
+
+    report = run_scaling(models, paths, full=args.scaling_full, repeats=args.repeats or 3,
+                         threads=args.threads or 0,
+                         isolation="in-process" if args.in_process else "process",
+                         progress=progress)
+    print(format_scaling(report))
+    if out != "-":
+        with atomic_write(out, "w") as f:
+            json.dump(report, f, indent=1, default=_json_default)
+        png = os.path.splitext(out)[0] + ".png"
+        plot_scaling(report, png)
+        print(f"report written to {out}, plot to {png}")
     return 0
 
 

@@ -49,6 +49,7 @@ def set_threads(cand: Candidate, n: int) -> dict:
 
             numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
             used["numba"] = numba.get_num_threads()
+            used["numba_layer"] = numba.threading_layer()   # set_num_threads launched it
         except ImportError:
             pass
     return used
@@ -94,12 +95,13 @@ class LocalExecutor:
         seconds = time.perf_counter() - start
         return tuple(np.asarray(c.to_numpy(g)) for g in got), seconds
 
-    def _state(self, name: str, seed: int) -> dict:
+    def _state(self, spec: ModelSpec, seed: int) -> dict:
         # The same seed gives the same initial weights in every process (cnnfast's own RNG).
-        if (name, seed) not in self._states:
+        key = (spec.name, spec.stem, seed)
+        if key not in self._states:
             cnnfast.manual_seed(seed)
-            self._states[(name, seed)] = build_model(name).state_dict()
-        return self._states[(name, seed)]
+            self._states[key] = build_model(spec.name, spec.stem).state_dict()
+        return self._states[key]
 
     def step_result(self, spec: ModelSpec, seed: int, dtype) -> tuple[tuple, float, float]:
         """((loss, {name: gradient}), seconds, step FLOPs per sample) of one forward + backward
@@ -107,7 +109,7 @@ class LocalExecutor:
         kept for :meth:`prepare_step`."""
         from cnnfast.bench.workloads import _step_flops_per_sample
 
-        trainer = self.cand.trainer(spec, self._state(spec.name, seed))
+        trainer = self.cand.trainer(spec, self._state(spec, seed))
         if dtype != np.float32:
             trainer.to_dtype(dtype)
         x, y = _model_data(spec, spec.check_batch)
@@ -136,6 +138,16 @@ class LocalExecutor:
         self._work[key] = (run, trainer)
         return key
 
+    def prepare_unchecked(self, spec: ModelSpec, seed: int) -> str:
+        """A float32 training step at ``spec.batch``, not checked (the scaling sweep: the main
+        run checks these models); returns its key."""
+        trainer = self.cand.trainer(spec, self._state(spec, seed))
+        trainer.prepare(*_model_data(spec, spec.batch))
+        key = f"scaling/{spec.name}/{spec.stem}/{spec.input_shape}/{spec.batch}"
+        self._work[key] = (trainer.step, trainer)
+        self._states.clear()
+        return key
+
     def sample(self, key: str, inner: int = 1) -> float:
         """Seconds per call of the prepared work ``key`` (``inner`` calls, collector paused)."""
         gc.collect(1)   # what earlier samples left in the young generations, untimed
@@ -159,7 +171,7 @@ class WorkerError(RuntimeError):
 
 
 _CALLS = ("start", "unavailable_for", "op_result", "step_result", "prepare_op", "prepare_step",
-          "sample", "memory", "growth", "release")
+          "prepare_unchecked", "sample", "memory", "growth", "release")
 
 
 def _worker_main(conn, cand: Candidate, env: dict) -> None:

@@ -72,7 +72,8 @@ def format_table(report: dict) -> str:
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
         + (f"; torch {report['versions']['torch']} with {threads['torch']} threads"
            if "torch" in threads else "")
-        + (f"; numba {threads['numba']} threads" if "numba" in threads else "")
+        + (f"; numba {threads['numba']} threads ({threads.get('numba_layer', '?')} layer)"
+           if "numba" in threads else "")
         + ("; glibc malloc thresholds raised (cnnfast.cpu._malloc)"
            if m.get("malloc", {}).get("applied") else ""),
         f"each path in {'its own worker process' if isolated else 'this one process'}; "

@@ -27,6 +27,11 @@ from cnnfast.bench.report import SCHEMA
 from cnnfast.bench.timing import Entry, inner_loops, round_robin
 from cnnfast.bench.workloads import MODEL_SPECS, MODELS, OPS, ModelSpec, OpItem, op_items
 
+# Environment variables that decide how the libraries' thread pools wait (benchmarks/README.md,
+# "Isolation"): recorded with every report.
+THREAD_ENV = ("NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+              "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
 
 @dataclass
 class Options:
@@ -331,6 +336,7 @@ def run_benchmarks(options: Options, candidates: list[Candidate] | None = None) 
 
     machine["malloc"] = tune_malloc()
     machine["isolation"] = options.isolation
+    machine["thread_env"] = {k: os.environ.get(k) for k in THREAD_ENV}
     t0 = time.perf_counter()
     runner.run()
     machine["threads"] = {k: v for t in runner.threads.values() for k, v in t.items()}

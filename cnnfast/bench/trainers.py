@@ -39,7 +39,7 @@ class CnnfastTrainer(Trainer):
         from cnnfast import nn, optim
 
         self.cand = cand
-        self.model = build_model(spec.name)
+        self.model = build_model(spec.name, spec.stem)
         self.model.load_state_dict(state)
         if cand.device == "cuda":
             self.model.to("cuda")
@@ -88,7 +88,7 @@ class TorchTrainer(Trainer):
     def __init__(self, cand: TorchCandidate, spec: ModelSpec, state: dict):
         torch = cand._torch
         self.cand, self.torch = cand, torch
-        self.model = torch_mirror(build_model(spec.name))
+        self.model = torch_mirror(build_model(spec.name, spec.stem))
         own = self.model.state_dict()
         missing = [k for k in state if k not in own]
         if missing:

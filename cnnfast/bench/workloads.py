@@ -125,6 +125,7 @@ class ModelSpec:
     input_shape: tuple[int, ...]     # (C, *S)
     batch: int
     check_batch: int
+    stem: str = "small"              # ResNet-18's stem: "small" (28 pixels) or "imagenet"
 
     @property
     def nd(self) -> int:
@@ -138,14 +139,15 @@ MODEL_SPECS = {
 }
 
 
-def build_model(name: str):
-    """The cnnfast model ``name`` (:mod:`cnnfast.models`), weights from ``cnnfast.manual_seed``."""
+def build_model(name: str, stem: str = "small"):
+    """The cnnfast model ``name`` (:mod:`cnnfast.models`), weights from ``cnnfast.manual_seed``;
+    ``stem`` is ResNet-18's ("small": 3x3 stride 1; "imagenet": 7x7 stride 2 and a max pool)."""
     from cnnfast import models
 
     if name == "smallcnn":
         return models.SmallCNN(in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
     return models.resnet18(in_channels=IN_CHANNELS, num_classes=NUM_CLASSES,
-                           spatial_dims=3 if name == "resnet18_3d" else 2, stem="small")
+                           spatial_dims=3 if name == "resnet18_3d" else 2, stem=stem)
 
 
 def _model_data(spec: ModelSpec, n: int) -> tuple[np.ndarray, np.ndarray]:
