@@ -52,7 +52,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -379,7 +379,7 @@ class GradientReducer:
         self.armed = False
         self._advance(final=True)
         if self.backend == "nccl":
-            self.nccl.stream.synchronize()
+            self._wait_nccl()
         else:
             pending = [b.request for b in self.buckets if b.phase == 2]
             self.gather_comm.wait(pending, "gradient reduction (gather)")
@@ -391,6 +391,19 @@ class GradientReducer:
                 value = flat[offset:offset + n].reshape(p.shape).copy()
                 p.grad = _tensor(_backend.to_device(value, p.device), p.device)
                 offset += n
+
+
+    def _wait_nccl(self) -> None:
+        """Poll the NCCL stream with the same deadline as MPI waits (a synchronize() would
+        block for ever on a rank that stopped)."""
+        stream, deadline = self.nccl.stream, time.monotonic() + self.comm.timeout
+        while not stream.done:
+            if time.monotonic() > deadline:
+                raise DistributedError(
+                    f"rank {self.comm.rank}/{self.world}: NCCL gradient reduction did not "
+                    f"finish within {self.comm.timeout:g} s ({ENV_TIMEOUT}); a rank has "
+                    f"stopped or died")
+            time.sleep(0.0002)
 
 
 def _tensor(data, device):
@@ -426,44 +439,6 @@ def nccl_available() -> bool:
 
 
 # --- data-parallel training -------------------------------------------------------------------
-
-class ShardedLoader:
-    """This rank's shard of every global batch of a single-process loader (same order, same
-    random transforms: every rank builds the global batch, then keeps its rows).
-
-    ``fraction`` is the share ``n_r / B`` of the batch last yielded.
-    """
-
-    def __init__(self, loader, comm: Communicator):
-        self.loader, self.comm = loader, comm
-        n, batch = len(loader.images), loader.batch_size
-        smallest = batch if n % batch == 0 or loader.drop_last else min(batch, n % batch)
-        if comm.size > smallest:
-            raise DistributedError(
-                f"{comm.size} ranks but a global batch of only {smallest} sample(s) "
-                f"({n} training samples, batch size {batch}): every rank needs at least one "
-                f"sample of every batch; use at most {smallest} ranks or change --batch-size")
-        self.fraction = 1.0
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        order = self.epoch_order()
-        for i in range(len(self)):
-            yield self.batch(order, i)
-
-    def epoch_order(self) -> np.ndarray:
-        """The global sample order of the next pass (the same on every rank)."""
-        return self.loader.epoch_order()
-
-    def batch(self, order: np.ndarray, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's rows of global batch ``i`` (a resumed training starts mid-pass)."""
-        x, y = self.loader.batch(order, i)
-        a, b = shard_bounds(len(x), self.comm.size, self.comm.rank)
-        self.fraction = (b - a) / len(x)
-        return x[a:b], y[a:b]
-
 
 class DataParallel:
     """What :func:`cnnfast.train.fit` needs to train on several ranks (see the module notes)."""
@@ -502,10 +477,24 @@ class DataParallel:
         nccl = _Nccl(self.comm) if self.backend == "nccl" else None
         self.reducer = GradientReducer(list(model.parameters()), self.comm,
                                        "nccl" if nccl else "mpi", self.bucket_bytes, nccl)
-        cnnfast.manual_seed(seed + 1_000_003 * self.rank)  # rank 0 keeps the seed of 1 process
+        if self.rank:  # own dropout masks per rank; rank 0 keeps the stream of one process
+            cnnfast.manual_seed(seed + 1_000_003 * self.rank)
 
-    def shard_loader(self, loader) -> ShardedLoader:
-        return ShardedLoader(loader, self.comm)
+    def check_batches(self, n: int, batch_size: int, drop_last: bool = False) -> None:
+        """Refuse a run in which some rank would get no sample of some global batch."""
+        smallest = batch_size if n % batch_size == 0 or drop_last else min(batch_size,
+                                                                             n % batch_size)
+        if self.size > smallest:
+            raise DistributedError(
+                f"{self.size} ranks but a global batch of only {smallest} sample(s) ({n} "
+                f"training samples, batch size {batch_size}): every rank needs at least one "
+                f"sample of every batch; use at most {smallest} ranks or change --batch-size")
+
+    def shard_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """This rank's rows of a global batch and their share ``n_r / B`` of it (the weight
+        :meth:`backward` gives this rank's mean loss)."""
+        a, b = shard_bounds(len(x), self.size, self.rank)
+        return x[a:b], y[a:b], (b - a) / len(x)
 
     def backward(self, loss, fraction: float) -> None:
         """Back-propagate ``fraction * loss`` (``fraction = n_r / B``) and sum the gradients over

@@ -277,7 +277,7 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
     if resume is not None:
         run.restore(resume)  # before the set-up below, which broadcasts rank 0's state anyway
     if parallel is not None:
-        loader = _setup_parallel(parallel, model, optimizer, loader, config)
+        _setup_parallel(parallel, model, optimizer, loader, config)
         progress, log = progress and parallel.is_main, log if parallel.is_main else None
         if not parallel.is_main:
             checkpoint_path = None
@@ -300,6 +300,8 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
             bar.set_description(f"epoch {epoch}/{config.epochs}")
             for i in range(first, len(loader)):
                 x, y = loader.batch(order, i)
+                if parallel is not None:  # this rank's share of the global batch
+                    x, y, share = parallel.shard_batch(x, y)
                 buffers = run.copy_buffers()
                 logits = model(cnnfast.tensor(x, device=device))
                 loss = loss_fn(logits, _targets(y, task, device))
@@ -311,7 +313,7 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
                 if parallel is None:
                     loss.backward()
                 else:
-                    parallel.backward(loss, loader.fraction)
+                    parallel.backward(loss, share)
                 optimizer.step()
                 run.loss_sum += value * len(x)
                 run.seen += len(x)
@@ -478,11 +480,11 @@ class _RunState:
 
 
 def _setup_parallel(parallel, model: nn.Module, optimizer, loader: DataLoader,
-                    config: TrainConfig):
+                    config: TrainConfig) -> None:
     """Data-parallel set-up for :func:`fit`: SyncBatchNorm, rank 0's weights and optimizer
-    state everywhere, gradient hooks; returns this rank's shard of ``loader``."""
+    state everywhere, gradient hooks; every rank must get a share of every batch."""
+    parallel.check_batches(len(loader.images), loader.batch_size, loader.drop_last)
     parallel.setup(model, optimizer, config.seed)
-    return parallel.shard_loader(loader)
 
 
 # --- checkpoints back into models ---------------------------------------------------------------
