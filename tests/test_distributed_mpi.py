@@ -198,3 +198,61 @@ def test_a_failed_rank_ends_the_job_with_a_clear_error(tmp_path, nodule_npz, fau
     else:  # rank 0 waits CNNFAST_DIST_TIMEOUT seconds, says so, and aborts the job
         assert "got no answer from the other ranks within 4 s" in rest, rest[-2000:]
         assert elapsed < 4 + 30, elapsed
+
+
+# --- resume (cnnfast.state): rank 0 writes the state, every rank reads it -------------------------
+
+KILLER = textwrap.dedent("""
+    # Runs `cnnfast ARGS`, but rank 1 SIGKILLs itself right after optimizer step KILL_AT.
+    import os, signal, sys
+    from cnnfast import optim
+    from cnnfast.cli import main
+
+    steps, kill_at = [0], int(os.environ["KILL_AT"])
+    original = optim.Optimizer.step
+
+    def step(self):
+        original(self)
+        steps[0] += 1
+        if steps[0] == kill_at and os.environ.get("PMI_RANK") == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    optim.Optimizer.step = step
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_resume_after_a_rank_died_with_two_and_three_ranks(tmp_path, nodule_npz):
+    """A 2-rank run killed in epoch 2 and resumed from rank 0's state gives the uninterrupted
+    2-rank run's bits; resumed on 3 ranks, it matches to float32 rounding."""
+    from cnnfast.state import STATE_NAME, read_state
+
+    def argv(out, *extra):
+        args = _train_argv(nodule_npz, out, "--save-every", "2", *extra)
+        args[args.index("--epochs") + 1] = "3"  # 4 steps an epoch: states at steps 2, 4, 6, ...
+        return args
+
+    python = [sys.executable, "-m", "cnnfast"]
+    _run(python + argv(tmp_path / "whole", "--workers", "2"))
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    crashed = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(killer),
+                              *argv(tmp_path / "cut")], env=_env(KILL_AT="7"),
+                             capture_output=True, text=True, timeout=240)
+    assert crashed.returncode != 0 and "BAD TERMINATION" in crashed.stdout + crashed.stderr
+    saved = read_state(tmp_path / "cut" / STATE_NAME)
+    assert (saved.global_step, saved.epochs_done, saved.batches_done) == (6, 1, 2)
+    shutil.copytree(tmp_path / "cut", tmp_path / "cut3")
+
+    _run(python + argv(tmp_path / "cut", "--workers", "2", "--resume"))
+    _run([MPIEXEC, "-n", "3"] + python + argv(tmp_path / "cut3", "--resume"))
+    whole = read_state(tmp_path / "whole" / STATE_NAME)
+    for name in ("cut", "cut3"):
+        resumed = read_state(tmp_path / name / STATE_NAME)
+        assert resumed.finished and resumed.global_step == whole.global_step == 12
+        for key, value in whole.model.items():
+            if name == "cut":  # the same ranks: the same bits
+                assert resumed.model[key].tobytes() == value.tobytes(), key
+            else:
+                np.testing.assert_allclose(resumed.model[key], value, rtol=1e-5, atol=1e-6,
+                                           err_msg=key)
