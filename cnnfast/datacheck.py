@@ -35,6 +35,9 @@ def check_images(images: np.ndarray, split: str, source: str) -> None:
     if images.dtype.kind not in "uif" or images.dtype == np.float16:
         raise DataError(f"{source}: {split}_images has dtype {images.dtype}; expected uint8 (or "
                         "another integer type) or float32/float64")
+    if images.ndim < 3:
+        raise DataError(f"{source}: {split}_images: expected images N x H x W (x 3) or "
+                        f"N x D x H x W, got rank {images.ndim} shape {images.shape}")
     if len(images) == 0:
         raise DataError(f"{source}: the {split} split is empty (0 images); every split needs at "
                         "least one")
