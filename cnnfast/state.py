@@ -1,7 +1,8 @@
 """Resumable training: the training-state file and the lock on a run's output folder.
 
 ``cnnfast train`` keeps, in its ``--out`` folder, a file :data:`STATE_NAME` holding everything a
-killed training needs to continue and end with the same bits as a run never interrupted:
+killed training needs to continue and end with the same bits as a run never interrupted (on the
+same machine and thread count: the fast CPU kernels' sums depend on how work is split):
 
 * the weights and buffers, the optimizer's per-parameter state (moments, step counts, momentum
   buffers) and hyper-parameters, the schedule's epoch count;
