@@ -5,9 +5,9 @@ elements (grid-stride over the flat output, so consecutive threads read neighbou
 backward kernels give each thread input elements and gather from the output windows that can
 contain them: along each axis od runs over [ceil((d + PD - KD + 1) / SD), floor((d + PD) / SD)]
 clipped to [0, OD). Gathering instead of scattering needs no float atomics and sums in a fixed
-order, so the bits repeat. Flat offsets are int64. The index arithmetic every kernel shares (a
-flat index split into plane and coordinates, the output range that covers an input coordinate)
-is written once, as device functions.
+order, so the bits repeat. Flat offsets are int64. The index arithmetic the kernels share (a
+flat index split into plane and coordinates, a window's in-bounds taps, the output range that
+covers an input coordinate) is written once, as device functions.
 
 Max pooling takes a dilation (taps at ``start + k * dilation``), and both take PyTorch's ceil
 mode: only the output size changes (:func:`cnnfast.shapes.output_size`); windows are clipped to
@@ -77,6 +77,18 @@ def _split(i, A, B, C):
 
 
 @cuda.jit(device=True)
+def _taps(o, S, P, K, DL, SIZE):
+    """The input coordinates output o's window reads along one axis, range(lo, hi, DL): taps
+    o * S - P + k * DL (k < K) clipped to [0, SIZE), so padding is never read (lo >= hi when
+    none is inside)."""
+    start = o * S - P
+    first = 0 if start >= 0 else (DL - 1 - start) // DL
+    last = min(K - 1, (SIZE - 1 - start) // DL)
+    lo = start + first * DL
+    return lo, (start + last * DL + 1) if last >= first else lo
+
+
+@cuda.jit(device=True)
 def _covering(s, P, K, S, OUT):
     """The output coordinates [lo, hi] along one axis whose window (no dilation) holds input
     coordinate s: ceil((s + P - K + 1) / S) to floor((s + P) / S), clipped to [0, OUT)."""
@@ -99,22 +111,19 @@ def _max_forward_kernel(dtype: np.dtype):
         while i < total:
             p, od, oh, ow = _split(i, OD, OH, OW)
             plane = p * (D * H * W)
+            d0, d1 = _taps(od, SD, PD, KD, DD, D)
+            h0, h1 = _taps(oh, SH, PH, KH, DH, H)
+            w0, w1 = _taps(ow, SW, PW, KW, DW, W)
             best = zero
             best_at = -1
-            for kd in range(KD):
-                d = od * SD - PD + kd * DD
-                if 0 <= d < D:
-                    for kh in range(KH):
-                        h = oh * SH - PH + kh * DH
-                        if 0 <= h < H:
-                            for kw in range(KW):
-                                w = ow * SW - PW + kw * DW
-                                if 0 <= w < W:
-                                    at = (d * H + h) * W + w
-                                    v = x[plane + at]
-                                    if best_at < 0 or v > best or v != v:
-                                        best = v
-                                        best_at = at
+            for d in range(d0, d1, DD):
+                for h in range(h0, h1, DH):
+                    for w in range(w0, w1, DW):
+                        at = (d * H + h) * W + w
+                        v = x[plane + at]
+                        if best_at < 0 or v > best or v != v:
+                            best = v
+                            best_at = at
             y[i] = best
             idx[i] = best_at
             i += cuda.gridDim.x * cuda.blockDim.x
@@ -213,17 +222,14 @@ def _avg_forward_kernel(dtype: np.dtype):
         while i < total:
             p, od, oh, ow = _split(i, OD, OH, OW)
             plane = p * (D * H * W)
+            d0, d1 = _taps(od, SD, PD, KD, 1, D)
+            h0, h1 = _taps(oh, SH, PH, KH, 1, H)
+            w0, w1 = _taps(ow, SW, PW, KW, 1, W)
             window = zero
-            for kd in range(KD):
-                d = od * SD - PD + kd
-                if 0 <= d < D:
-                    for kh in range(KH):
-                        h = oh * SH - PH + kh
-                        if 0 <= h < H:
-                            for kw in range(KW):
-                                w = ow * SW - PW + kw
-                                if 0 <= w < W:
-                                    window += x[plane + (d * H + h) * W + w]
+            for d in range(d0, d1):
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        window += x[plane + (d * H + h) * W + w]
             y[i] = window / divisor[(od * OH + oh) * OW + ow]
             i += cuda.gridDim.x * cuda.blockDim.x
 
