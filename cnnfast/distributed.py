@@ -19,6 +19,11 @@ What makes N ranks compute what one process computes (to float32 rounding):
 * **One set of batch statistics.** Batch norm layers become
   :class:`~cnnfast.nn.sync_batchnorm.SyncBatchNorm2d`/``3d`` (on by default in the CLI), whose
   statistics are summed over the ranks in forward and backward.
+* **Same randomness.** Every rank keeps the random streams of one process (same seed: the
+  shuffled order, the random flips, the dropout generators), draws what one process would draw
+  for the whole global batch and keeps its rows; dropout layers become :class:`ShardedDropout`,
+  which draws the global batch's mask. Checkpoints and training states therefore do not depend
+  on the number of ranks, dropout included.
 * **Same start.** Rank 0's weights, buffers and optimizer state are broadcast to all ranks.
 
 Gradient reduction (:class:`GradientReducer`): parameters are grouped into buckets (~4 MiB, in
@@ -57,7 +62,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cnnfast import backend as _backend
-from cnnfast import dispatch
+from cnnfast import dispatch, nn
 
 ENV_TIMEOUT = "CNNFAST_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -451,6 +456,8 @@ class DataParallel:
         self.backend = choose_backend(device, comm.size,
                                       device == "cuda" and nccl_available())
         self.reducer: GradientReducer | None = None
+        self.batch_rows: int | None = None  # the global batch now being trained
+        self.batch_start = 0  # and where this rank's rows start in it
 
     @property
     def rank(self) -> int:
@@ -464,21 +471,22 @@ class DataParallel:
     def is_main(self) -> bool:
         return self.comm.is_main
 
-    def setup(self, model, optimizer, seed: int) -> None:
-        """Synchronise batch norm, broadcast rank 0's model and optimizer state, install the
-        gradient hooks, and give each rank its own stream of dropout masks."""
-        import cnnfast
+    def setup(self, model, optimizer) -> None:
+        """Synchronise batch norm, shard dropout masks, broadcast rank 0's model and optimizer
+        state, install the gradient hooks."""
         from cnnfast.nn.sync_batchnorm import convert_sync_batchnorm
 
         if self.sync_batchnorm:
             convert_sync_batchnorm(model, self.comm)
+        for m in model.modules():
+            if isinstance(m, nn.Dropout) and not isinstance(m, ShardedDropout):
+                object.__setattr__(m, "__class__", ShardedDropout)
+                object.__setattr__(m, "shards", self)
         broadcast_module(model, self.comm)
         broadcast_optimizer_state(optimizer, self.comm)
         nccl = _Nccl(self.comm) if self.backend == "nccl" else None
         self.reducer = GradientReducer(list(model.parameters()), self.comm,
                                        "nccl" if nccl else "mpi", self.bucket_bytes, nccl)
-        if self.rank:  # own dropout masks per rank; rank 0 keeps the stream of one process
-            cnnfast.manual_seed(seed + 1_000_003 * self.rank)
 
     def check_batches(self, n: int, batch_size: int, drop_last: bool = False) -> None:
         """Refuse a run in which some rank would get no sample of some global batch."""
@@ -494,6 +502,7 @@ class DataParallel:
         """This rank's rows of a global batch and their share ``n_r / B`` of it (the weight
         :meth:`backward` gives this rank's mean loss)."""
         a, b = shard_bounds(len(x), self.size, self.rank)
+        self.batch_rows, self.batch_start = len(x), a
         return x[a:b], y[a:b], (b - a) / len(x)
 
     def backward(self, loss, fraction: float) -> None:
@@ -516,6 +525,30 @@ class DataParallel:
 
     def abort(self, code: int = 1) -> None:
         self.comm.abort(code)
+
+
+class ShardedDropout(nn.Dropout):
+    """Dropout of a data-parallel rank: draws the mask of the whole global batch, as one process
+    would, from the same generator on every rank, and applies its own rows. (``shards`` is the
+    :class:`DataParallel` that knows the global batch; outside training, plain dropout.)"""
+
+    shards = None
+
+    def forward(self, x):
+        from cnnfast import functional as F
+        from cnnfast import rng as _rng
+        from cnnfast.tensor import as_tensor
+
+        shards = self.shards
+        if (not self.training or self.p == 0.0 or shards is None or shards.batch_rows is None
+                or shards.size == 1):
+            return super().forward(x)
+        x = as_tensor(x, name="dropout input")
+        rows, start = shards.batch_rows, shards.batch_start
+        shape = (rows,) + x.shape[1:]
+        mask = dispatch.kernels(x.device).dropout_mask(x.xp, shape, float(self.p),
+                                                       _rng.resolve(self.rng), x.dtype)
+        return F.Dropout.apply(x, mask=mask[start:start + x.shape[0]])
 
 
 def broadcast_module(module, comm: Communicator) -> None:

@@ -281,8 +281,6 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
         progress, log = progress and parallel.is_main, log if parallel.is_main else None
         if not parallel.is_main:
             checkpoint_path = None
-        if resume is not None:
-            run.restore_global_generator(resume)  # set-up reseeds it per rank
     start = time.perf_counter()
 
     from tqdm.auto import tqdm
@@ -393,10 +391,9 @@ class _RunState:
         return position
 
     def restore_global_generator(self, state: TrainingState) -> None:
-        """The global generator (dropout masks) is rank 0's in the file; data-parallel, ranks
-        other than 0 keep the per-rank stream :meth:`DataParallel.setup` seeded."""
-        if self.writer:
-            set_generator_state(default_generator(), state.rng["global"], "global")
+        """The global generator (dropout masks): rank 0's in the file, and every rank's
+        (data-parallel ranks keep one process's streams and draw the global batch's masks)."""
+        set_generator_state(default_generator(), state.rng["global"], "global")
 
     def copy_buffers(self) -> list:
         """Copies of the model's buffers (batch-norm running statistics: small)."""
@@ -484,7 +481,7 @@ def _setup_parallel(parallel, model: nn.Module, optimizer, loader: DataLoader,
     """Data-parallel set-up for :func:`fit`: SyncBatchNorm, rank 0's weights and optimizer
     state everywhere, gradient hooks; every rank must get a share of every batch."""
     parallel.check_batches(len(loader.images), loader.batch_size, loader.drop_last)
-    parallel.setup(model, optimizer, config.seed)
+    parallel.setup(model, optimizer)
 
 
 # --- checkpoints back into models ---------------------------------------------------------------

@@ -102,6 +102,7 @@ def test_two_and_three_ranks_match_one_process(tmp_path, nodule_npz):
 
 
 REDUCER_SCRIPT = textwrap.dedent("""
+    import sys
     import numpy as np
     import cnnfast
     from cnnfast import distributed
@@ -132,15 +133,15 @@ REDUCER_SCRIPT = textwrap.dedent("""
     everyone = np.empty((size, digest.size), np.uint32)
     comm.comm.Allgather(digest, everyone)
     assert (everyone == everyone[0]).all()
-    print("reducer ok", rank)
+    open(f"{sys.argv[1]}/ok-{rank}", "w").close()  # (stdout lines of ranks may interleave)
 """)
 
 
 def test_gradient_buckets_sum_in_rank_order_during_backward(tmp_path):
     script = tmp_path / "reducer.py"
     script.write_text(REDUCER_SCRIPT)
-    done = _run([MPIEXEC, "-n", "3", sys.executable, str(script)], timeout=120)
-    assert all(f"reducer ok {rank}" in done.stdout for rank in range(3)), done.stdout
+    _run([MPIEXEC, "-n", "3", sys.executable, str(script), str(tmp_path)], timeout=120)
+    assert sorted(p.name for p in tmp_path.glob("ok-*")) == ["ok-0", "ok-1", "ok-2"]
 
 
 # --- faults: a rank that dies or stops ends the job, never a hang ---------------------------------
@@ -256,3 +257,39 @@ def test_resume_after_a_rank_died_with_two_and_three_ranks(tmp_path, nodule_npz)
             else:
                 np.testing.assert_allclose(resumed.model[key], value, rtol=1e-5, atol=1e-6,
                                            err_msg=key)
+
+
+FIT_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from cnnfast import distributed, synthetic
+    from cnnfast.models import SmallCNN
+    from cnnfast.train import TrainConfig, fit
+
+    parallel = distributed.from_environment()
+    ds = synthetic.nodule_dataset(64, 16, 16, seed=0, size=16)
+    model = SmallCNN(1, 2, channels=(4, 8), dropout=0.3, seed=5)
+    config = TrainConfig(epochs=1, batch_size=16, lr=3e-3, seed=7, flip_axes=(1,))
+    fit(model, ds, config, progress=False, parallel=parallel)
+    if parallel.is_main:
+        np.savez(sys.argv[1], **model.state_dict())
+""")
+
+
+def test_dropout_and_random_flips_do_not_depend_on_the_number_of_ranks(tmp_path):
+    """Every rank draws the global batch's flips and dropout mask (from one process's
+    streams) and keeps its rows: 3 ranks train what one process trains."""
+    from cnnfast.models import SmallCNN
+    from cnnfast.train import TrainConfig, fit
+
+    ds = synthetic.nodule_dataset(64, 16, 16, seed=0, size=16)
+    model = SmallCNN(1, 2, channels=(4, 8), dropout=0.3, seed=5)
+    fit(model, ds, TrainConfig(epochs=1, batch_size=16, lr=3e-3, seed=7, flip_axes=(1,)),
+        progress=False)
+    script = tmp_path / "fit.py"
+    script.write_text(FIT_SCRIPT)
+    _run([MPIEXEC, "-n", "3", sys.executable, str(script), str(tmp_path / "three.npz")])
+    three = dict(np.load(tmp_path / "three.npz"))
+    one = model.state_dict()
+    for key, value in one.items():
+        np.testing.assert_allclose(three[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
