@@ -608,7 +608,7 @@ def from_environment(device: str = "cpu", sync_batchnorm: bool = True,
         return None
     if "NUMBA_NUM_THREADS" not in os.environ:
         _limit_threads(threads_per_rank(os.cpu_count() or 1, comm.local_size))
-    if device == "cuda":
+    if device == "cuda" and not _backend.cuda_simulated():  # the simulator has no GPU to pick
         import cupy
 
         gpu = gpu_for_rank(comm.local_rank, cupy.cuda.runtime.getDeviceCount())
