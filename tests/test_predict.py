@@ -82,20 +82,30 @@ def test_predict_png_folder_with_gradcam(nodule2d, tmp_path, capsys):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
 
-def test_predict_npy_volumes(tmp_path):
+def test_predict_npy_volumes(tmp_path, capsys):
     ds = synthetic.nodule_dataset(6, 4, 5, seed=0, spatial_dims=3, size=8)
     ckpt, model = _checkpoint(tmp_path / "m3.ckpt", ds)
     folder = tmp_path / "vols"
     folder.mkdir()
     for i, vol in enumerate(ds.test.images):
         np.save(folder / f"v{i}.npy", vol[0] if i % 2 else vol)  # (D, H, W) or (C, D, H, W)
-    out = tmp_path / "p.csv"
+    out, heat = tmp_path / "p.csv", tmp_path / "heat3d"
     assert main(["predict", "--checkpoint", str(ckpt), "--data", str(folder), "--out",
-                 str(out)]) == 0
+                 str(out), "--gradcam", str(heat), "--gradcam-max", "2"]) == 0
     _, names, probs = _read(out)
     assert names == [f"v{i}.npy" for i in range(5)]
+    assert sorted(p.name for p in heat.iterdir()) == ["gradcam_v0.png", "gradcam_v1.png"]
     _, expected = evaluate(model, ds.test, ds.task, ds.label_names, ds.normalization)
     np.testing.assert_allclose(probs, expected, rtol=1e-5, atol=1e-6)
+    # volumes of another size are resized (trilinear) with a warning
+    other = tmp_path / "big"
+    other.mkdir()
+    np.save(other / "a.npy", np.zeros((10, 12, 9), np.uint8))
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(ckpt), "--data", str(other), "--out",
+                 str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "10x12x9" in err and "resized to 8x8x8" in err
 
 
 def test_predict_bad_input_exits_2(nodule2d, tmp_path, capsys):
