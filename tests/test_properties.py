@@ -6,8 +6,9 @@ larger than the input (made valid by padding), strides larger than the kernel, o
 groups equal to the channels.
 
 CI runs a fixed derandomised set (``CNNFAST_PROPERTY_EXAMPLES`` scales it: the number of
-examples per op on the cpu path; the simulator gets a fifth, at least 3). The reference itself is
-checked against PyTorch and finite differences in test_functional.py / test_reference_*.py.
+examples per op family on the cpu path; the simulator gets an eighth, at least 3). The
+reference itself is checked against PyTorch and finite differences in test_functional.py and
+test_reference_*.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import cnnfast  # noqa: E402
@@ -27,9 +28,9 @@ from cnnfast import dispatch  # noqa: E402
 from cnnfast import functional as F  # noqa: E402
 from cnnfast.testing import assert_close  # noqa: E402
 
-CPU_EXAMPLES = int(os.environ.get("CNNFAST_PROPERTY_EXAMPLES", "40"))
+CPU_EXAMPLES = int(os.environ.get("CNNFAST_PROPERTY_EXAMPLES", "80"))
 SIM = dispatch.cuda_simulated()
-CUDA_EXAMPLES = max(3, CPU_EXAMPLES // 5) if SIM else CPU_EXAMPLES
+CUDA_EXAMPLES = max(3, CPU_EXAMPLES // 8) if SIM else CPU_EXAMPLES
 PATHS = ["cpu", "cuda"]
 EXAMPLES_RUN: dict[str, int] = {}
 
@@ -80,8 +81,7 @@ dtypes = st.sampled_from([np.float32, np.float64])
 # --- convolution ---------------------------------------------------------------------------------
 
 @st.composite
-def conv_cases(draw, tiny: bool):
-    nd = draw(st.sampled_from([2, 3]))
+def conv_cases(draw, tiny: bool, nd: int):
     groups = draw(st.integers(1, 2 if tiny else 3))
     cpg = draw(st.integers(1, 2 if tiny else 3))      # channels per group (1: groups == C)
     kpg = draw(st.integers(1, 2 if tiny else 3))
@@ -141,31 +141,37 @@ CONV_CORNERS = [  # kernel larger than the input with padding; stride > kernel; 
 ]
 
 
-def _with_corners(test):
-    for case in CONV_CORNERS:
-        test = example(case=case)(test)
-    return test
+@pytest.mark.parametrize("nd", [2, 3])
+def test_conv_cpu_matches_reference(nd):
+    @settings(_settings("cpu"), max_examples=max(3, CPU_EXAMPLES // 2))
+    @given(case=conv_cases(tiny=False, nd=nd))
+    def check(case):
+        _conv_check("cpu", case)
+    check()
 
 
-@_settings("cpu")
-@_with_corners
-@given(case=conv_cases(tiny=False))
-def test_conv_cpu_matches_reference(case):
-    _conv_check("cpu", case)
+@pytest.mark.parametrize("nd", [2, 3])
+def test_conv_cuda_matches_reference(nd):
+    @settings(_settings("cuda"), max_examples=max(2, CUDA_EXAMPLES // 2))
+    @given(case=conv_cases(tiny=True, nd=nd))
+    def check(case):
+        _conv_check("cuda", case)
+    check()
 
 
-@_settings("cuda")
-@_with_corners
-@given(case=conv_cases(tiny=True))
-def test_conv_cuda_matches_reference(case):
-    _conv_check("cuda", case)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("index", range(len(CONV_CORNERS)))
+def test_conv_corner_cases_match_reference(path, index):
+    _conv_check(path, CONV_CORNERS[index])
 
 
 # --- pooling -------------------------------------------------------------------------------------
 
+POOLS = ["max", "avg", "adaptive"]
+
+
 @st.composite
-def pool_cases(draw, tiny: bool):
-    nd = draw(st.sampled_from([2, 3]))
+def pool_cases(draw, tiny: bool, kind: str, nd: int):
     n, c = draw(st.integers(1, 2)), draw(st.integers(1, 2 if tiny else 3))
     max_s = (4 if nd == 2 else 3) if tiny else (9 if nd == 2 else 5)
     spatial, kernel, stride, padding = [], [], [], []
@@ -187,7 +193,6 @@ def pool_cases(draw, tiny: bool):
     # distinct values: max pooling's gradient is defined without ties
     size = n * c * int(np.prod(spatial))
     x = (rng.permutation(size).reshape(n, c, *spatial) / size + rng.standard_normal() * 0.1)
-    kind = draw(st.sampled_from(["max", "avg", "adaptive"]))
     out = tuple(draw(st.integers(1, s)) for s in spatial)
     return nd, kind, x.astype(dtype), tuple(kernel), tuple(stride), tuple(padding), out
 
@@ -208,16 +213,24 @@ def _pool_check(path, case):
     _compare(path, fn, [x], [0], int(np.prod(kernel)), f"{kind}_pool{nd}d")
 
 
-@_settings("cpu")
-@given(case=pool_cases(tiny=False))
-def test_pooling_cpu_matches_reference(case):
-    _pool_check("cpu", case)
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("kind", POOLS)
+def test_pooling_cpu_matches_reference(kind, nd):
+    @settings(_settings("cpu"), max_examples=max(3, CPU_EXAMPLES // 2))
+    @given(case=pool_cases(tiny=False, kind=kind, nd=nd))
+    def check(case):
+        _pool_check("cpu", case)
+    check()
 
 
-@_settings("cuda")
-@given(case=pool_cases(tiny=True))
-def test_pooling_cuda_matches_reference(case):
-    _pool_check("cuda", case)
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("kind", POOLS)
+def test_pooling_cuda_matches_reference(kind, nd):
+    @settings(_settings("cuda"), max_examples=2)
+    @given(case=pool_cases(tiny=True, kind=kind, nd=nd))
+    def check(case):
+        _pool_check("cuda", case)
+    check()
 
 
 # --- batch norm, relu, linear, dropout, losses ------------------------------------------------
