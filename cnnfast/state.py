@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -404,12 +405,17 @@ class RunLock:
         self.release()
 
 
+_OUR_TEMPORARY = re.compile(r"\.(training\.state|metrics\.json|.+\.ckpt|.+\.png)\.[0-9a-f]+\.tmp")
+
+
 def remove_temporary_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed writer left in ``folder`` (``.NAME.*.tmp``); call it
-    only while holding the folder's :class:`RunLock`. Returns what was removed."""
+    """Delete the temporary files a killed training left in ``folder``: those
+    :func:`cnnfast._io.atomic_write` names ``.NAME.RANDOM.tmp`` for the files a training writes
+    (state, checkpoints, metrics, plots; nothing else of the folder's). Call it only while
+    holding the folder's :class:`RunLock`. Returns what was removed."""
     removed = []
     for p in Path(folder).glob(".*.tmp"):
-        if p.is_file():
+        if _OUR_TEMPORARY.fullmatch(p.name) and p.is_file():
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed

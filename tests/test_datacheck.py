@@ -117,6 +117,14 @@ def test_cli_data_errors_are_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "val_images[1] has infinite pixel values" in err[0]
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # said explicitly, the same file trains as 8 classes
+    out = tmp_path / "o3"
+    assert main(["train", "--data", str(tmp_path / "seven.npz"), "--num-classes", "8",
+                 "--model", "smallcnn", "--channels", "2", "--epochs", "1", "--out", str(out),
+                 "--no-progress"]) == 0
+    from cnnfast.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "smallcnn.ckpt").model_config["kwargs"]["num_classes"] == 8
 
 
 # --- the real MedMNIST files ---------------------------------------------------------------

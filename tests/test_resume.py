@@ -392,6 +392,10 @@ def test_sigkill_at_random_times_then_resume_is_bitwise_equal(tiny_npz, referenc
 def test_cli_refuses_a_second_training_into_the_same_out(tiny_npz, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
+    left = [".training.state.0badf00d.tmp", ".smallcnn.ckpt.12345678.tmp"]  # a killed writer's
+    mine = [".mine.tmp", "notes.txt"]                                          # the user's
+    for name in left + mine:
+        (out / name).write_text("x")
     with RunLock(out):
         code = main(_train_args(tiny_npz, out))
     err = capsys.readouterr().err
@@ -399,3 +403,4 @@ def test_cli_refuses_a_second_training_into_the_same_out(tiny_npz, tmp_path, cap
     (out / LOCK_NAME).write_text(f"{_dead_pid()}\n")  # left by a killed run
     assert main(_train_args(tiny_npz, out) + ["--epochs", "1"]) == 0
     assert "taking over the lock of pid" in capsys.readouterr().err
+    assert all((out / n).exists() for n in mine) and not any((out / n).exists() for n in left)
