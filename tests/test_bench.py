@@ -115,6 +115,8 @@ def test_torch_peer_agrees_with_reference_on_every_op():
     for r in _rows(report, "reference"):
         torch_row = next(t for t in torch_rows if t["id"] == r["id"])
         assert r["time_vs_torch"] == pytest.approx(r["median_s"] / torch_row["median_s"])
+        assert r["cpu_s"] > 0 and r["cpu_vs_torch"] == pytest.approx(r["cpu_s"] /
+                                                                     torch_row["cpu_s"])
     assert report["machine"]["isolation"] == "process"
     pids = report["machine"]["workers"]
     assert set(pids) == {"reference", "torch"} and os.getpid() not in pids.values()

@@ -78,7 +78,9 @@ def format_table(report: dict) -> str:
            if m.get("malloc", {}).get("applied") else ""),
         f"each path in {'its own worker process' if isolated else 'this one process'}; "
         "median of alternating repeats (warm-up excluded); 1st = first call incl. JIT compile "
-        "(at the check batch); time/torch = t_path / t_torch (< 1: faster than PyTorch)",
+        "(at the check batch); time/torch = t_path / t_torch (< 1: faster than PyTorch); "
+        "cpu/torch: the same for the worker's CPU time (all its threads), less sensitive to "
+        "other load",
     ]
     busy = busy_note(report)
     if busy:
@@ -87,7 +89,8 @@ def format_table(report: dict) -> str:
         most = REFERENCE_MAX_REPEATS - (1 if report["options"]["quick"] else 0)
         lines.append("reference: timed only on r18-28/tiny shapes and the SmallCNN step, at most "
                      f"{most} repeats (--reference-all: everywhere); always the oracle")
-    header = ("op", "shape", "path", "check", "1st", "median", "IQR", "GFLOP/s", "time/torch")
+    header = ("op", "shape", "path", "check", "1st", "median", "IQR", "GFLOP/s", "time/torch",
+              "cpu/torch")
     table = []
     skipped: dict[tuple[str, str], int] = {}
     last_id = None
@@ -102,11 +105,12 @@ def format_table(report: dict) -> str:
         shape = f"{row['shape_id']} {row['shape']}" if first else ""
         if row["status"] in ("WRONG", "ERROR"):
             table.append((op, shape, row["path"], row["status"], _fmt_time(row["first_call_s"]),
-                          "", "", "", "", row["reason"] or ""))
+                          "", "", "", "", "", row["reason"] or ""))
             continue
         table.append((op, shape, row["path"], _status(row), _fmt_time(row["first_call_s"]),
                       _fmt_time(row.get("median_s")), _fmt_time(row.get("iqr_s")),
-                      _fmt(row.get("gflops"), ".1f"), _fmt(row.get("time_vs_torch"), ".2f"), None))
+                      _fmt(row.get("gflops"), ".1f"), _fmt(row.get("time_vs_torch"), ".2f"),
+                      _fmt(row.get("cpu_vs_torch"), ".2f"), None))
     if table:
         widths = [max(len(str(r[i])) for r in table + [header]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))

@@ -7,6 +7,7 @@ import contextlib
 import datetime as _dt
 import math
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -105,7 +106,8 @@ class Runner:
                 "shape": label, "batch": batch, "path": name, "status": "skipped",
                 "reason": None, "check_batch": None, "check_error": None,
                 "check_error_f64": None, "check_tolerance": None, "first_call_s": None,
-                "median_s": None, "gflop": None, "gflops": None, "time_vs_torch": None}
+                "median_s": None, "gflop": None, "gflops": None, "time_vs_torch": None,
+                "cpu_s": None, "cpu_vs_torch": None}
 
     def _check_batch(self, item: OpItem) -> int:
         return check_batch_for(item, self.o.quick, self.o.check_batch)
@@ -180,6 +182,7 @@ class Runner:
                 e.row["status"], e.row["reason"] = "ERROR", f"{type(ex).__name__}: {ex}"
                 continue
             e.row["warmup_s"] = t
+            e.executor.cpu_times(e.key)     # drop the warm-up's
             e.repeats = self._repeats(e.row["path"], t)
             e.inner = inner_loops(t)
         entries[:] = [e for e in entries if e.row["status"] == "ok"]
@@ -192,6 +195,9 @@ class Runner:
         for e in entries:
             if e.row.get("gflop") and e.row.get("median_s"):
                 e.row["gflops"] = e.row["gflop"] / e.row["median_s"]
+            with contextlib.suppress(Exception):  # a worker that died has no CPU times
+                cpu = e.executor.cpu_times(e.key)
+                e.row["cpu_s"] = statistics.median(cpu) if cpu else None
 
     def _model_spec(self, spec: ModelSpec) -> ModelSpec:
         if self.o.step_batch:
@@ -303,6 +309,8 @@ class Runner:
                 ref = rows.get(peer[kinds.get(path, "cpu")])
                 if row.get("median_s") and ref and ref.get("median_s"):
                     row["time_vs_torch"] = row["median_s"] / ref["median_s"]
+                if row.get("cpu_s") and ref and ref.get("cpu_s") and self.o.isolation == "process":
+                    row["cpu_vs_torch"] = row["cpu_s"] / ref["cpu_s"]
 
 
 def _progress(total: int, enabled: bool):
