@@ -163,3 +163,15 @@ def machine_info(options: Options) -> dict:
         info["load_avg_start"] = os.getloadavg()
     info["cpu_busy_start"] = cpu_busy()
     return info
+
+
+def blas_info() -> list[dict]:
+    """The BLAS libraries loaded here and the kernels they chose (threadpoolctl, where
+    installed): {library, version, architecture, threads}."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return []
+    return [{"library": i.get("internal_api"), "version": i.get("version"),
+             "architecture": i.get("architecture"), "threads": i.get("num_threads")}
+            for i in threadpool_info() if i.get("user_api") == "blas"]

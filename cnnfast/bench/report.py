@@ -75,7 +75,11 @@ def format_table(report: dict) -> str:
         + (f"; numba {threads['numba']} threads ({threads.get('numba_layer', '?')} layer)"
            if "numba" in threads else "")
         + ("; glibc malloc thresholds raised (cnnfast.cpu._malloc)"
-           if m.get("malloc", {}).get("applied") else ""),
+           if m.get("malloc", {}).get("applied") else "")
+        + "".join(f"; {b['library']} {b['version']} with {b['architecture']} kernels"
+                  for b in m.get("blas", [])[:1])
+        + (f" (OPENBLAS_CORETYPE={m['thread_env']['OPENBLAS_CORETYPE']})"
+           if m.get("thread_env", {}).get("OPENBLAS_CORETYPE") else ""),
         f"each path in {'its own worker process' if isolated else 'this one process'}; "
         "median of alternating repeats (warm-up excluded); 1st = first call incl. JIT compile "
         "(at the check batch); time/torch = t_path / t_torch (< 1: faster than PyTorch); "

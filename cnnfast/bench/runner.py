@@ -23,7 +23,14 @@ from cnnfast.bench.checks import (
     reference_timed,
 )
 from cnnfast.bench.executor import LocalExecutor, WorkerExecutor
-from cnnfast.bench.machine import cpu_busy, gpu_name, machine_info, machine_threads, versions
+from cnnfast.bench.machine import (
+    blas_info,
+    cpu_busy,
+    gpu_name,
+    machine_info,
+    machine_threads,
+    versions,
+)
 from cnnfast.bench.report import SCHEMA
 from cnnfast.bench.timing import Entry, inner_loops, round_robin
 from cnnfast.bench.workloads import MODEL_SPECS, MODELS, OPS, ModelSpec, OpItem, op_items
@@ -31,7 +38,11 @@ from cnnfast.bench.workloads import MODEL_SPECS, MODELS, OPS, ModelSpec, OpItem,
 # Environment variables that decide how the libraries' thread pools wait (benchmarks/README.md,
 # "Isolation"): recorded with every report.
 THREAD_ENV = ("NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
-              "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+              "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+              # OpenBLAS's kernel choice (NumPy's BLAS, which cnnfast's GEMMs run on): a forced
+              # OPENBLAS_CORETYPE=Haswell runs AVX2 kernels on an AVX-512 machine, at about
+              # half its speed (benchmarks/README.md, "BLAS kernels").
+              "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 @dataclass
@@ -345,6 +356,7 @@ def run_benchmarks(options: Options, candidates: list[Candidate] | None = None) 
     machine["malloc"] = tune_malloc()
     machine["isolation"] = options.isolation
     machine["thread_env"] = {k: os.environ.get(k) for k in THREAD_ENV}
+    machine["blas"] = blas_info()
     t0 = time.perf_counter()
     runner.run()
     machine["threads"] = {k: v for t in runner.threads.values() for k, v in t.items()}
