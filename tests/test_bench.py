@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +19,27 @@ from cnnfast import bench, dispatch
 @pytest.fixture(autouse=True)
 def _short_samples(monkeypatch):
     monkeypatch.setattr(bench.timing, "MIN_SAMPLE_S", 0.001)
+
+
+def machine_threads_default() -> int:
+    return bench.machine_threads()
+
+
+@pytest.fixture(autouse=True)
+def _keep_thread_counts():
+    """In-process executors set Numba's and PyTorch's thread counts for the whole process; put
+    them back, as later tests compare bits with runs at the default count (the fast path's
+    chunking, and so its summation order, follows the thread count)."""
+    import numba
+
+    numba_threads = numba.get_num_threads()
+    torch = sys.modules.get("torch")
+    torch_threads = torch.get_num_threads() if torch else None
+    yield
+    numba.set_num_threads(numba_threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(torch_threads or machine_threads_default())
 
 
 def _options(**kw) -> bench.Options:
