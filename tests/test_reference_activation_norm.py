@@ -1,4 +1,5 @@
-"""Reference ReLU, dropout mask, batch norm and linear against finite differences and PyTorch."""
+"""Reference ReLU, dropout mask, batch norm and linear against finite differences (against PyTorch,
+with the other paths: tests/test_contract.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from cases import make_array
 from cnnfast.reference import activation, linear, norm
 from cnnfast.testing import assert_close, gradient_check
 
-LAYOUTS = ["contiguous", "transposed", "sliced"]
 DTYPES = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 NORM_SHAPES = {
     "2d": (3, 4, 5, 3),
@@ -119,113 +119,3 @@ def test_linear_backward_skips_gradients_not_needed():
     assert gx is None and gb is None and gw.shape == (4, 5)
     gx, gw, gb = linear.linear_backward(gy, x, w, need_x=True, need_w=False, need_b=True)
     assert gw is None and gx.shape == (3, 5) and gb.shape == (4,)
-
-
-# --- against PyTorch ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch")
-
-
-def tolerance(dtype):
-    return {"rtol": 1e-4, "atol": 1e-5} if dtype == np.float32 else {}
-
-
-@pytest.mark.torch
-@pytest.mark.parametrize("layout", LAYOUTS)
-@DTYPES
-@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 2, 3, 4, 5)], ids=["2d", "3d-batch1"])
-def test_relu_matches_torch(torch, shape, dtype, layout):
-    rng = np.random.default_rng(10)
-    x = make_array(rng, shape, dtype, layout)
-    gy = make_array(rng, shape, dtype)
-    y = activation.relu_forward(x)
-    gx = activation.relu_backward(gy, y)
-    tx = torch.tensor(x, requires_grad=True)
-    ty = torch.relu(tx)
-    ty.backward(torch.tensor(gy))
-    assert y.dtype == dtype and gx.dtype == dtype
-    assert_close(y, ty.detach().numpy(), name="y")
-    assert_close(gx, tx.grad.numpy(), name="gx")
-
-
-@pytest.mark.torch
-@pytest.mark.parametrize("layout", LAYOUTS)
-@DTYPES
-@pytest.mark.parametrize("shape_id", list(NORM_SHAPES))
-def test_batch_norm_train_matches_torch(torch, shape_id, dtype, layout):
-    shape = NORM_SHAPES[shape_id]
-    rng = np.random.default_rng(11)
-    x = 1.5 + 2.0 * make_array(rng, shape, dtype, layout)
-    gamma = make_array(rng, shape[1:2], dtype)
-    beta = make_array(rng, shape[1:2], dtype)
-    gy = make_array(rng, shape, dtype)
-    eps = 1e-5
-    x_before = x.copy()
-
-    y, mean, invstd = norm.batch_norm_forward_train(x, gamma, beta, eps)
-    gx, ggamma, gbeta = norm.batch_norm_backward(gy, x, gamma, mean, invstd)
-
-    tx, tgamma, tbeta = (torch.tensor(a, requires_grad=True) for a in (x, gamma, beta))
-    ty = torch.nn.functional.batch_norm(tx, None, None, tgamma, tbeta, training=True, eps=eps)
-    ty.backward(torch.tensor(gy))
-    axes = [0] + list(range(2, len(shape)))
-    t_var = tx.detach().var(dim=axes, unbiased=False)
-
-    for name, got, expected in [
-        ("y", y, ty.detach()), ("mean", mean, tx.detach().mean(dim=axes)),
-        ("invstd", invstd, 1 / torch.sqrt(t_var + eps)), ("gx", gx, tx.grad),
-        ("ggamma", ggamma, tgamma.grad), ("gbeta", gbeta, tbeta.grad),
-    ]:
-        assert got.dtype == dtype, name
-        assert_close(got, expected.numpy(), name=name, **tolerance(dtype))
-    np.testing.assert_array_equal(x, x_before)
-
-
-@pytest.mark.torch
-@pytest.mark.parametrize("layout", LAYOUTS)
-@DTYPES
-@pytest.mark.parametrize("shape_id", list(NORM_SHAPES))
-def test_batch_norm_eval_matches_torch(torch, shape_id, dtype, layout):
-    shape = NORM_SHAPES[shape_id]
-    rng = np.random.default_rng(12)
-    channels = shape[1:2]
-    x = make_array(rng, shape, dtype, layout)
-    gamma, beta, running_mean = (make_array(rng, channels, dtype) for _ in range(3))
-    running_var = rng.uniform(0.5, 2.0, channels).astype(dtype)
-    y = norm.batch_norm_forward_eval(x, gamma, beta, running_mean, running_var, 1e-5)
-    ty = torch.nn.functional.batch_norm(
-        torch.tensor(x), torch.tensor(running_mean), torch.tensor(running_var),
-        torch.tensor(gamma), torch.tensor(beta), training=False, eps=1e-5)
-    assert y.dtype == dtype
-    assert_close(y, ty.numpy(), name="y", **tolerance(dtype))
-
-
-@pytest.mark.torch
-@pytest.mark.parametrize("layout", LAYOUTS)
-@DTYPES
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("n", [1, 7], ids=["batch1", "batch7"])
-def test_linear_matches_torch(torch, n, with_bias, dtype, layout):
-    rng = np.random.default_rng(13)
-    x = make_array(rng, (n, 9), dtype, layout)
-    w = make_array(rng, (5, 9), dtype, layout)
-    b = make_array(rng, (5,), dtype) if with_bias else None
-    y = linear.linear_forward(x, w, b)
-    gy = make_array(rng, y.shape, dtype)
-    gx, gw, gb = linear.linear_backward(gy, x, w, need_b=with_bias)
-
-    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
-    tb = torch.tensor(b, requires_grad=True) if with_bias else None
-    ty = torch.nn.functional.linear(tx, tw, tb)
-    ty.backward(torch.tensor(gy))
-
-    checks = [("y", y, ty.detach()), ("gx", gx, tx.grad), ("gw", gw, tw.grad)]
-    if with_bias:
-        checks.append(("gb", gb, tb.grad))
-    else:
-        assert gb is None
-    for name, got, expected in checks:
-        assert got.dtype == dtype, name
-        assert_close(got, expected.numpy(), name=name, **tolerance(dtype))

@@ -1,4 +1,5 @@
-"""The reference convolution against explicit loops, SciPy, finite differences and PyTorch."""
+"""The reference convolution against explicit loops, SciPy and finite differences (against
+PyTorch, with the other paths: tests/test_contract.py)."""
 
 from __future__ import annotations
 
@@ -110,43 +111,3 @@ def test_uncovered_inputs_get_zero_gradient():
     mask[::3, ::3] = True
     assert np.all(gx[:, :, ~mask] == 0)
     assert np.all(gx[:, :, mask] != 0)
-
-
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch")
-
-
-@pytest.mark.torch
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("case_id", CASE_IDS)
-def test_matches_torch(torch, case_id, dtype, layout):
-    case = CASES[case_id]
-    nd = len(case.x_shape) - 2
-    rng = np.random.default_rng(6)
-    x = make_array(rng, case.x_shape, dtype, layout)
-    w = make_array(rng, case.w_shape, dtype, layout)
-    b = make_array(rng, case.w_shape[:1], dtype)
-    x_before, w_before = x.copy(), w.copy()
-
-    y = ref.bias_add(ref.conv_forward(x, w, *case.args), b)
-    gy = make_array(rng, y.shape, dtype)
-    gx = ref.conv_backward_data(gy, w, x.shape, *case.args)
-    gw = ref.conv_backward_weight(gy, x, w.shape, *case.args)
-    gb = ref.bias_grad(gy)
-
-    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
-    conv = torch.nn.functional.conv2d if nd == 2 else torch.nn.functional.conv3d
-    ty = conv(tx, tw, tb, stride=case.stride, padding=case.padding, dilation=case.dilation,
-              groups=case.groups)
-    ty.backward(torch.tensor(gy))
-
-    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {}
-    for name, got, expected in [("y", y, ty), ("gx", gx, tx.grad), ("gw", gw, tw.grad),
-                                ("gb", gb, tb.grad)]:
-        assert got.dtype == dtype, name
-        assert_close(got, expected.detach().numpy(), name=name, **tol)
-    assert gx.shape == x.shape and gw.shape == w.shape
-    np.testing.assert_array_equal(x, x_before)
-    np.testing.assert_array_equal(w, w_before)

@@ -1,4 +1,5 @@
-"""The reference pooling kernels against explicit loops, finite differences and PyTorch."""
+"""The reference pooling kernels against explicit loops and finite differences (against PyTorch,
+with the other paths: tests/test_contract.py)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,6 @@ CASES = {
     "3d-k3s2p1": PoolCase((2, 2, 5, 4, 5), (3, 3, 2), (2, 1, 2), (1, 1, 1)),
 }
 CASE_IDS = list(CASES)
-LAYOUTS = ["contiguous", "transposed", "sliced"]
-DTYPES = pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 
 
 def distinct_values(rng, shape, dtype=np.float64, layout="contiguous"):
@@ -175,90 +174,3 @@ def test_adaptive_avg_pool_backward_matches_finite_differences(case_id):
     x = np.random.default_rng(6).standard_normal(x_shape)
     gradient_check(lambda x: ref.adaptive_avg_pool_forward(x, out_size), [x],
                    analytic=lambda gy, x: (ref.adaptive_avg_pool_backward(gy, x.shape),))
-
-
-# --- against PyTorch ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def torch():
-    return pytest.importorskip("torch")
-
-
-def tolerance(dtype):
-    return {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {}
-
-
-@pytest.mark.torch
-@pytest.mark.parametrize("layout", LAYOUTS)
-@DTYPES
-@pytest.mark.parametrize("case_id", CASE_IDS)
-def test_max_pool_matches_torch(torch, case_id, dtype, layout):
-    case = CASES[case_id]
-    nd = len(case.kernel)
-    rng = np.random.default_rng(7)
-    x = distinct_values(rng, case.x_shape, dtype, layout)
-    x_before = x.copy()
-    y, idx = ref.max_pool_forward(x, *case.args)
-    gy = rng.standard_normal(y.shape).astype(dtype)
-    gx = ref.max_pool_backward(gy, idx, x.shape)
-
-    pool = torch.nn.functional.max_pool2d if nd == 2 else torch.nn.functional.max_pool3d
-    tx = torch.tensor(x, requires_grad=True)
-    ty, tidx = pool(tx, case.kernel, case.stride, case.padding, return_indices=True)
-    ty.backward(torch.tensor(gy))
-
-    np.testing.assert_array_equal(idx, tidx.numpy())
-    assert y.dtype == dtype and gx.dtype == dtype
-    assert_close(y, ty.detach().numpy(), name="y", **tolerance(dtype))
-    assert_close(gx, tx.grad.numpy(), name="gx", **tolerance(dtype))
-    np.testing.assert_array_equal(x, x_before)
-
-
-@pytest.mark.torch
-@pytest.mark.parametrize("layout", LAYOUTS)
-@DTYPES
-@pytest.mark.parametrize("case_id", CASE_IDS)
-def test_avg_pool_matches_torch(torch, case_id, dtype, layout):
-    case = CASES[case_id]
-    nd = len(case.kernel)
-    rng = np.random.default_rng(8)
-    x = distinct_values(rng, case.x_shape, dtype, layout)
-    x_before = x.copy()
-    y = ref.avg_pool_forward(x, *case.args)
-    gy = rng.standard_normal(y.shape).astype(dtype)
-    gx = ref.avg_pool_backward(gy, x.shape, *case.args)
-
-    pool = torch.nn.functional.avg_pool2d if nd == 2 else torch.nn.functional.avg_pool3d
-    tx = torch.tensor(x, requires_grad=True)
-    ty = pool(tx, case.kernel, case.stride, case.padding)
-    ty.backward(torch.tensor(gy))
-
-    assert y.dtype == dtype and gx.dtype == dtype
-    assert_close(y, ty.detach().numpy(), name="y", **tolerance(dtype))
-    assert_close(gx, tx.grad.numpy(), name="gx", **tolerance(dtype))
-    np.testing.assert_array_equal(x, x_before)
-
-
-@pytest.mark.torch
-@pytest.mark.parametrize("layout", LAYOUTS)
-@DTYPES
-@pytest.mark.parametrize("case_id", list(ADAPTIVE_CASES))
-def test_adaptive_avg_pool_matches_torch(torch, case_id, dtype, layout):
-    x_shape, out_size = ADAPTIVE_CASES[case_id]
-    rng = np.random.default_rng(9)
-    x = distinct_values(rng, x_shape, dtype, layout)
-    x_before = x.copy()
-    y = ref.adaptive_avg_pool_forward(x, out_size)
-    gy = rng.standard_normal(y.shape).astype(dtype)
-    gx = ref.adaptive_avg_pool_backward(gy, x.shape)
-
-    pool = (torch.nn.functional.adaptive_avg_pool2d if len(out_size) == 2
-            else torch.nn.functional.adaptive_avg_pool3d)
-    tx = torch.tensor(x, requires_grad=True)
-    ty = pool(tx, out_size)
-    ty.backward(torch.tensor(gy))
-
-    assert y.dtype == dtype and gx.dtype == dtype
-    assert_close(y, ty.detach().numpy(), name="y", **tolerance(dtype))
-    assert_close(gx, tx.grad.numpy(), name="gx", **tolerance(dtype))
-    np.testing.assert_array_equal(x, x_before)
