@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from cnnfast import backend  # cnnfast imports neither Numba nor CuPy at import
 
@@ -52,6 +53,35 @@ def small_simulator_launches():
     with rt.launch_config(tiles=rt.SMALL_TILES, threads=32):
         yield
     sys.setswitchinterval(interval)
+
+
+def _thread_counts() -> dict:
+    """The thread pools a test may resize in this process (only the libraries already loaded)."""
+    counts = {}
+    if "numba" in sys.modules:
+        counts["numba"] = sys.modules["numba"].get_num_threads()
+    if "torch" in sys.modules:
+        counts["torch"] = sys.modules["torch"].get_num_threads()
+    return counts
+
+
+@pytest.fixture(autouse=True)
+def thread_counts_restored(request):
+    """Put Numba's and PyTorch's thread counts back after each test, with a warning naming the
+    test that changed them. The CPU kernels' reductions have one partial sum per Numba thread, so
+    a test that leaves this process on one thread (an in-process benchmark candidate did) changes
+    the bits of every later in-process training, and the bitwise resume tests, which compare an
+    in-process run with child processes, fail far from the cause."""
+    before = _thread_counts()
+    yield
+    after = _thread_counts()
+    if "numba" in after and "numba" not in before:  # loaded by this test: compare with its default
+        before["numba"] = sys.modules["numba"].config.NUMBA_NUM_THREADS
+    for library, n in before.items():
+        if after.get(library, n) != n:
+            warnings.warn(f"{request.node.nodeid} left {library} on {after[library]} threads "
+                          f"(was {n}); restored", stacklevel=1)
+            sys.modules[library].set_num_threads(n)
 
 
 def pytest_collection_modifyitems(config, items):
