@@ -156,7 +156,10 @@ def decode_state(raw: bytes, source: str = STATE_NAME) -> TrainingState:
         ckpt = decode(raw, source)
     except CheckpointError as exc:
         raise TrainingStateError(str(exc)) from None
-    header = _from_json(ckpt.header)
+    try:
+        header = _from_json(ckpt.header)
+    except (TypeError, ValueError, RecursionError):
+        raise TrainingStateError(f"{source}: unreadable training-state header") from None
     if header.get("kind") != STATE_KIND:
         raise TrainingStateError(f"{source}: a checkpoint, not a training state")
     if header.get("state_version") != STATE_VERSION:
@@ -189,10 +192,11 @@ def decode_state(raw: bytes, source: str = STATE_NAME) -> TrainingState:
             best_val_auc=float(header["best_val_auc"]),
             best_state=groups["best"] if header["has_best"] else None,
             history=list(header["history"]), finished=bool(header["finished"]))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
         if isinstance(exc, TrainingStateError):
             raise
-        raise TrainingStateError(f"{source}: incomplete training state ({exc!r})") from None
+        raise TrainingStateError(f"{source}: incomplete training state "
+                                 f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def write_state(path: str | os.PathLike, state: TrainingState) -> Path:

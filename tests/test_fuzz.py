@@ -145,9 +145,43 @@ tensor_entries = st.fixed_dictionaries({
 })
 
 
+def _valid_state() -> bytes:
+    from cnnfast.state import TrainingState, encode_state
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    return encode_state(TrainingState(
+        signature={"model": {"name": "m"}}, model={"w": w},
+        optimizer={"param_groups": [{"lr": 0.1, "betas": [0.9, 0.999]}],
+                   "state": {0: {"step": 3, "exp_avg": w, "exp_avg_sq": w}}},
+        schedule_epoch=1, rng={"global": {}, "loader": {}}, order=np.arange(4),
+        best_state={"w": w}, history=[{"epoch": 1, "val_auc": float("nan")}]))
+
+
+VALID_STATE = _valid_state()
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    st.builds(lambda v: {"__float__": v}, inner)), max_leaves=8)
+
+
+@st.composite
+def state_bytes(draw) -> bytes:
+    """A training-state file whose (checksummed) header has fields replaced by odd values."""
+    body = VALID_STATE[:-32]
+    header_len = struct.unpack_from("<Q", body, 12)[0]
+    header = json.loads(body[20:20 + header_len])
+    for key in draw(st.lists(st.sampled_from(sorted(header)), min_size=1, max_size=4)):
+        header[key] = draw(json_values)
+    return _signed(header, body[20 + header_len:])
+
+
 @st.composite
 def checkpoint_bytes(draw) -> bytes:
-    kind = draw(st.sampled_from(["random", "damaged", "resigned", "header text", "huge sizes"]))
+    kind = draw(st.sampled_from(["random", "damaged", "resigned", "header text", "huge sizes",
+                                 "state fields", "damaged state"]))
+    if kind == "state fields":
+        return draw(state_bytes())
+    if kind == "damaged state":
+        return draw(damaged(VALID_STATE))
     if kind == "random":
         return draw(st.one_of(st.binary(max_size=256),
                               st.binary(max_size=64).map(lambda b: b"CNNFCKPT" + b)))
@@ -206,6 +240,15 @@ def test_checkpoint_reader_specific_cases():
         raw = _signed(header if isinstance(header, str) else json.dumps(header), payload)
         with bounded(), pytest.raises(CheckpointError):
             decode(raw, "odd header")
+    # found by fuzzing the training-state header: a float where an int belongs, a bad float
+    body = VALID_STATE[:-32]
+    header_len = struct.unpack_from("<Q", body, 12)[0]
+    for key, value in (("epochs_done", {"__float__": "inf"}), ("loss_sum", {"__float__": "x"}),
+                       ("optimizer", {"state": [1]}), ("history", {"__float__": [1]})):
+        header = json.loads(body[20:20 + header_len])
+        header[key] = value
+        with bounded(), pytest.raises(TrainingStateError):
+            decode_state(_signed(header, body[20 + header_len:]), key)
     ok = decode(_signed({"tensors": [good], "payload_nbytes": 16}, payload))
     np.testing.assert_array_equal(ok.state_dict["w"], np.arange(4, dtype=np.float32))
 
