@@ -45,6 +45,15 @@ norm  (per channel over N and the spatial axes; mean/invstd/gamma/beta have shap
     batch_norm_forward_eval(x, gamma, beta, running_mean, running_var, eps) -> y
     batch_norm_backward(gy, x, gamma, mean, invstd) -> (gx, ggamma, gbeta)   (training mode)
 
+Fused ops (optional: a path that lacks one gets it composed from the ops above, with the same
+results; ``cnnfast.cuda`` runs each in fewer launches)
+    conv_bias_relu_forward(x, w, b, relu, stride, padding, dilation, groups) -> y
+        conv_forward, then bias_add when b is not None, then relu_forward when relu.
+    batch_norm_relu_forward_train(x, gamma, beta, eps) -> (relu(y), mean, invstd)
+    batch_norm_relu_forward_eval(x, gamma, beta, running_mean, running_var, eps) -> relu(y)
+    batch_norm_relu_backward(gy, x, y, gamma, mean, invstd) -> (gx, ggamma, gbeta)
+        y is the fused forward's output: batch_norm_backward(relu_backward(gy, y), ...).
+
 Ops that are the same array code on every path (linear, adaptive average pooling, dropout, the
 elementwise arithmetic of autograd) live in ``cnnfast.reference`` and are written against ``xp``
 so they run on NumPy and CuPy arrays alike; :func:`kernels` hands them to every path.
@@ -90,6 +99,11 @@ SHARED_OPS = {
     "pool": ("adaptive_avg_pool_forward", "adaptive_avg_pool_backward"),
     "activation": ("dropout_mask",),
 }
+FUSED_OPS = {
+    "conv": ("conv_bias_relu_forward",),
+    "norm": ("batch_norm_relu_forward_train", "batch_norm_relu_forward_eval",
+             "batch_norm_relu_backward"),
+}
 CPU_PATHS = ("fast", "reference")
 DEVICES = ("cpu", "cuda")
 
@@ -133,9 +147,38 @@ def _load(package: str) -> SimpleNamespace:
         module = importlib.import_module(f"cnnfast.{package}.{family}")
         for name in names:
             ns[name] = getattr(module, name)
+    composed = _composed_fused_ops(ns)
+    for family, names in FUSED_OPS.items():
+        module = importlib.import_module(f"cnnfast.{package}.{family}")
+        for name in names:
+            ns[name] = getattr(module, name, None) or composed[name]
     ns["path"] = package
     _cache[package] = SimpleNamespace(**ns)
     return _cache[package]
+
+
+def _composed_fused_ops(ns: dict) -> dict:
+    """The fused ops built from the plain ones, for a path that has no kernels of its own."""
+
+    def conv_bias_relu_forward(x, w, b, relu, stride, padding, dilation, groups):
+        y = ns["conv_forward"](x, w, stride, padding, dilation, groups)
+        if b is not None:
+            y = ns["bias_add"](y, b)
+        return ns["relu_forward"](y) if relu else y
+
+    def batch_norm_relu_forward_train(x, gamma, beta, eps):
+        y, mean, invstd = ns["batch_norm_forward_train"](x, gamma, beta, eps)
+        return ns["relu_forward"](y), mean, invstd
+
+    def batch_norm_relu_forward_eval(x, gamma, beta, running_mean, running_var, eps):
+        return ns["relu_forward"](ns["batch_norm_forward_eval"](x, gamma, beta, running_mean,
+                                                                running_var, eps))
+
+    def batch_norm_relu_backward(gy, x, y, gamma, mean, invstd):
+        return ns["batch_norm_backward"](ns["relu_backward"](gy, y), x, gamma, mean, invstd)
+
+    return {f.__name__: f for f in (conv_bias_relu_forward, batch_norm_relu_forward_train,
+                                    batch_norm_relu_forward_eval, batch_norm_relu_backward)}
 
 
 def path_name(device: str) -> str:

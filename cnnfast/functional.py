@@ -90,16 +90,22 @@ def _check_rank(x: Tensor, nd: int, op: str, name: str = "input") -> None:
 class Conv(Function):
     """Convolution (cross-correlation) with optional bias, any spatial rank the kernels accept."""
 
+    relu = False  # fused ReLU on the output (nn's conv followed by ReLU; see _conv)
+
     def forward(self, x, w, b):
         k = self.kernels = dispatch.kernels(self.device)
         self.x_shape, self.w_shape = x.shape, w.shape
         self.x = x if self.needs_input_grad[1] else None
         self.w = w if self.needs_input_grad[0] else None
-        y = k.conv_forward(x, w, self.stride, self.padding, self.dilation, self.groups)
-        return y if b is None else k.bias_add(y, b)
+        y = k.conv_bias_relu_forward(x, w, b, self.relu, self.stride, self.padding,
+                                     self.dilation, self.groups)
+        self.y = y if self.relu and any(self.needs_input_grad) else None
+        return y
 
     def backward(self, gy):
         k, need = self.kernels, self.needs_input_grad
+        if self.relu:
+            gy = k.relu_backward(gy, self.y)
         args = (self.stride, self.padding, self.dilation, self.groups)
         gx = k.conv_backward_data(gy, self.w, self.x_shape, *args) if need[0] else None
         gw = k.conv_backward_weight(gy, self.x, self.w_shape, *args) if need[1] else None
@@ -107,7 +113,10 @@ class Conv(Function):
         return gx, gw, gb
 
 
-def _conv(nd: int, x, weight, bias, stride, padding, dilation, groups) -> Tensor:
+def _conv(nd: int, x, weight, bias, stride, padding, dilation, groups,
+          relu: bool = False) -> Tensor:
+    """conv2d / conv3d; ``relu=True`` applies a ReLU to the output in the same op (what
+    ``nn.Sequential`` asks for when a convolution is followed by ``nn.ReLU``)."""
     op = f"conv{nd}d"
     x = _float_tensor(x, op, "input")
     weight = _float_tensor(weight, op, "weight", device=x.device)
@@ -140,7 +149,7 @@ def _conv(nd: int, x, weight, bias, stride, padding, dilation, groups) -> Tensor
     if x.shape[0] == 0:
         raise ValueError(f"{op}: input has an empty batch (shape {x.shape})")
     return Conv.apply(x, weight, bias, stride=stride, padding=padding, dilation=dilation,
-                      groups=int(groups))
+                      groups=int(groups), relu=bool(relu))
 
 
 def conv2d(x, weight, bias=None, stride: IntOrTuple = 1, padding: IntOrTuple = 0,
@@ -448,9 +457,12 @@ def dropout(x, p: float = 0.5, training: bool = True,
 class BatchNormTrain(Function):
     """Batch statistics; updates the running buffers in place when they are given."""
 
+    relu = False  # fused ReLU on the output (nn's batch norm followed by ReLU)
+
     def forward(self, x, gamma, beta):
         k = self.kernels = dispatch.kernels(self.device)
-        y, mean, invstd = k.batch_norm_forward_train(x, gamma, beta, self.eps)
+        forward = k.batch_norm_relu_forward_train if self.relu else k.batch_norm_forward_train
+        y, mean, invstd = forward(x, gamma, beta, self.eps)
         if self.running_mean is not None:
             n = x.size // x.shape[1]
             var = 1.0 / (invstd * invstd) - self.eps
@@ -459,11 +471,17 @@ class BatchNormTrain(Function):
             self.running_var[...] = (1 - m) * self.running_var + m * var * (n / max(n - 1, 1))
         if any(self.needs_input_grad):
             self.x, self.gamma, self.mean, self.invstd = x, gamma, mean, invstd
+            self.y = y if self.relu else None
         return y
 
     def backward(self, gy):
-        gx, ggamma, gbeta = self.kernels.batch_norm_backward(gy, self.x, self.gamma, self.mean,
-                                                             self.invstd)
+        k = self.kernels
+        if self.relu:
+            gx, ggamma, gbeta = k.batch_norm_relu_backward(gy, self.x, self.y, self.gamma,
+                                                           self.mean, self.invstd)
+        else:
+            gx, ggamma, gbeta = k.batch_norm_backward(gy, self.x, self.gamma, self.mean,
+                                                      self.invstd)
         need = self.needs_input_grad
         return (gx if need[0] else None, ggamma if need[1] else None, gbeta if need[2] else None)
 
@@ -471,16 +489,22 @@ class BatchNormTrain(Function):
 class BatchNormEval(Function):
     """Running statistics: an affine map per channel."""
 
+    relu = False  # fused ReLU on the output
+
     def forward(self, x, gamma, beta):
-        k = dispatch.kernels(self.device)
+        k = self.kernels = dispatch.kernels(self.device)
         self.nd = x.ndim - 2
         if self.needs_input_grad[1]:
             self.x = x
         self.gamma = gamma
-        return k.batch_norm_forward_eval(x, gamma, beta, self.running_mean, self.running_var,
-                                         self.eps)
+        forward = k.batch_norm_relu_forward_eval if self.relu else k.batch_norm_forward_eval
+        y = forward(x, gamma, beta, self.running_mean, self.running_var, self.eps)
+        self.y = y if self.relu and any(self.needs_input_grad) else None
+        return y
 
     def backward(self, gy):
+        if self.relu:
+            gy = self.kernels.relu_backward(gy, self.y)
         xp = dispatch.array_xp(gy)
         shape = (1, -1) + (1,) * self.nd
         axes = (0,) + tuple(range(2, gy.ndim))
@@ -497,11 +521,18 @@ class BatchNormEval(Function):
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Batch norm over (N, *spatial) per channel; see :func:`_batch_norm`."""
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _batch_norm(x, running_mean, running_var, weight=None, bias=None, training: bool = False,
+                momentum: float = 0.1, eps: float = 1e-5, relu: bool = False) -> Tensor:
     """Batch norm over (N, *spatial) per channel, x (N, C, H, W) or (N, C, D, H, W).
 
     Training uses the batch's statistics (biased variance) and, when the running buffers are
     given, updates them in place: ``r = (1 - momentum) * r + momentum * batch`` with the
-    unbiased variance. Evaluation uses the running statistics.
+    unbiased variance. Evaluation uses the running statistics. ``relu=True`` applies a ReLU to
+    the output in the same op (what ``nn.Sequential`` asks for when ``nn.ReLU`` follows).
     """
     op = "batch_norm"
     x = _float_tensor(x, op, "input")
@@ -530,11 +561,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
             raise ValueError(f"{op}: training needs more than one value per channel, got input "
                              f"shape {x.shape}")
         return BatchNormTrain.apply(x, gamma, beta, running_mean=rm, running_var=rv,
-                                    momentum=float(momentum), eps=float(eps))
+                                    momentum=float(momentum), eps=float(eps), relu=bool(relu))
     if rm is None:
         raise ValueError(f"{op}: evaluation mode (training=False) needs running_mean and "
                          f"running_var")
-    return BatchNormEval.apply(x, gamma, beta, running_mean=rm, running_var=rv, eps=float(eps))
+    return BatchNormEval.apply(x, gamma, beta, running_mean=rm, running_var=rv, eps=float(eps),
+                               relu=bool(relu))
 
 
 # --- losses ---------------------------------------------------------------------------------------

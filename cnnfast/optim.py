@@ -2,6 +2,11 @@
 
 Updates run in place on the parameters' arrays (NumPy or CuPy), outside the autograd graph, and
 keep their state (momentum buffers, moments) in arrays allocated once on the parameter's device.
+
+On the ``cuda`` device a group whose parameters share a dtype and all have gradients is updated
+by one kernel launch (:mod:`cnnfast.cuda.optim`): the group's parameters then live in one flat
+buffer (each ``p.data`` a view of it; a ``p.data`` replaced from outside is copied back in), and
+so do their state arrays.
 """
 
 from __future__ import annotations
@@ -43,13 +48,45 @@ class Optimizer:
                 p.grad = None
 
     def step(self) -> None:
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            if self._fused_step(index, group):
+                continue
             for p in group["params"]:
                 if p.grad is not None:
                     self._update(p, p.grad.data, group, self.state.setdefault(id(p), {}))
 
     def _update(self, p: Tensor, g, group: dict, state: dict) -> None:
         raise NotImplementedError
+
+    # --- one launch per group on the cuda device -----------------------------------------------
+    def _fused_arguments(self, group: dict, states: list[dict]):
+        """(rule, state names, kernel scalars) for cnnfast.cuda.optim.update, or None when this
+        group must take the per-parameter path."""
+        return None
+
+    def _fused_step(self, index: int, group: dict) -> bool:
+        params = group["params"]
+        if not all(p.device == "cuda" and p.grad is not None and p.dtype == params[0].dtype
+                   for p in params):
+            return False
+        states = [self.state.setdefault(id(p), {}) for p in params]
+        fused = self._fused_arguments(group, states)
+        if fused is None:
+            return False
+        rule, names, scalars = fused
+        from cnnfast.cuda import optim as cuda_optim
+
+        flats = self.__dict__.setdefault("_flat", {})
+        flat = flats.get(index)
+        if flat is None or flat.params is not params or flat.names != names:
+            flat = flats[index] = _FlatGroup(params, names, states)
+        flat.attach(states)
+        xp = params[0].xp
+        grads = xp.concatenate([p.grad.data.reshape(-1) for p in params])
+        m = flat.state[names[0]] if names else None
+        v = flat.state[names[1]] if len(names) > 1 else None
+        cuda_optim.update(rule, flat.data, grads, m, v, *scalars)
+        return True
 
     def state_dict(self) -> dict:
         """Hyper-parameters per group and per-parameter state, by parameter position."""
@@ -97,6 +134,50 @@ class Optimizer:
         self.state = new_state
 
 
+class _FlatGroup:
+    """One flat buffer holding a group's parameters (each ``p.data`` a view of it) and one per
+    state array (each ``state[name]`` a view), so one kernel updates them all."""
+
+    def __init__(self, params: list, names: tuple[str, ...], states: list[dict]):
+        self.params, self.names = params, names
+        xp = params[0].xp
+        self.sizes = [p.size for p in params]
+        total = sum(self.sizes)
+        self.data = xp.empty(total, dtype=params[0].dtype)
+        self.views = self._views(self.data, params)
+        self.state = {name: xp.zeros(total, dtype=params[0].dtype) for name in names}
+        self.state_views = {name: self._views(buf, params) for name, buf in self.state.items()}
+        for p, view in zip(params, self.views):
+            view[...] = p.data
+            p.data = view
+        for name in names:
+            for st, view in zip(states, self.state_views[name]):
+                if st.get(name) is not None:
+                    view[...] = st[name]
+                st[name] = view
+
+    @staticmethod
+    def _views(buf, params) -> list:
+        views, offset = [], 0
+        for p in params:
+            views.append(buf[offset:offset + p.size].reshape(p.shape))
+            offset += p.size
+        return views
+
+    def attach(self, states: list[dict]) -> None:
+        """Copy back in any parameter or state array replaced from outside since the last step."""
+        for p, view in zip(self.params, self.views):
+            if p.data is not view:
+                view[...] = p.data
+                p.data = view
+        for name in self.names:
+            for st, view in zip(states, self.state_views[name]):
+                if st.get(name) is not view:
+                    if st.get(name) is not None:
+                        view[...] = st[name]
+                    st[name] = view
+
+
 class SGD(Optimizer):
     """SGD with optional momentum (PyTorch's form: buf = m * buf + g), nesterov, weight decay."""
 
@@ -122,6 +203,20 @@ class SGD(Optimizer):
                 buf += (1 - group["dampening"]) * g
             g = g + m * buf if group["nesterov"] else buf
         p.data -= group["lr"] * g
+
+    def _fused_arguments(self, group, states):
+        from cnnfast.cuda import optim as cuda_optim
+
+        m = group["momentum"]
+        if not m:
+            return cuda_optim.SGD, (), (group["lr"], 0.0, 0.0, group["weight_decay"], 0.0, 1.0,
+                                        False)
+        started = {"momentum_buffer" in st for st in states}
+        if len(started) > 1:  # some buffers exist, some not: the per-parameter path sorts it
+            return None
+        rule = cuda_optim.SGD_NESTEROV if group["nesterov"] else cuda_optim.SGD_MOMENTUM
+        return rule, ("momentum_buffer",), (group["lr"], m, group["dampening"],
+                                            group["weight_decay"], 0.0, 1.0, not started.pop())
 
 
 class Adam(Optimizer):
@@ -159,6 +254,22 @@ class Adam(Optimizer):
         step_size = lr / (1 - b1 ** t)
         denom = p.xp.sqrt(v) / math.sqrt(1 - b2 ** t) + group["eps"]
         p.data -= step_size * (m / denom)
+
+    def _fused_arguments(self, group, states):
+        from cnnfast.cuda import optim as cuda_optim
+
+        steps = {st.get("step", 0) for st in states}
+        if len(steps) > 1:  # parameters at different steps: the per-parameter path
+            return None
+        t = steps.pop() + 1
+        for st in states:
+            st["step"] = t
+        lr, wd = group["lr"], group["weight_decay"]
+        b1, b2 = group["betas"]
+        rule = cuda_optim.ADAMW if self.decoupled else cuda_optim.ADAM
+        return rule, ("exp_avg", "exp_avg_sq"), (
+            lr / (1 - b1 ** t), b1, b2, lr * wd if self.decoupled else wd, group["eps"],
+            math.sqrt(1 - b2 ** t), False)
 
 
 class AdamW(Adam):

@@ -366,6 +366,151 @@ def test_bad_tile_configurations_are_refused():
         rt.LaunchConfig(threads=96)
 
 
+# --- launch economy: geometry in one argument, fused ops, one-launch optimizer ---------------
+
+def test_geometry_is_named_and_travels_as_one_device_array():
+    geo = conv._geometry((2, 3, 7, 5), (4, 3, 3, 2), (2, 1), (1, 1), (1, 1), 1)
+    assert (geo.N, geo.C, geo.D, geo.K, geo.KD, geo.OD, geo.OH, geo.OW) == (2, 3, 1, 4, 1, 1, 4, 6)
+    x = np.zeros((2, 3, 7, 5), np.float32)
+    with rt.count_launches() as records:
+        conv.conv_forward(dev(x), dev(np.zeros((4, 3, 3, 2), np.float32)), (2, 1), (1, 1),
+                          (1, 1), 1)
+    (record,) = records
+    assert record.arguments == 6  # x, w, bias placeholder, taps, y, geometry
+    assert str(record.types[-1]) == "array(int64, 1d, C)"
+    with pytest.raises(TypeError, match="must hold ints"):
+        rt.launch(record.dispatcher, 1, 1, (1.5, 2))
+
+
+def test_fused_conv_bias_relu_gives_the_unfused_bits():
+    case = CONV_CASES["2d-groups2-stride2-two-col-tiles"]
+    rng = np.random.default_rng(13)
+    x, w = dev(randn(rng, case.x_shape, np.float32)), dev(randn(rng, case.w_shape, np.float32))
+    b = dev(randn(rng, case.w_shape[0], np.float32))
+    plain = conv.conv_forward(x, w, *case.args)
+    with_bias = conv.bias_add(plain, b)
+    assert_same_bits(conv.conv_bias_relu_forward(x, w, b, False, *case.args), with_bias, "bias")
+    assert_same_bits(conv.conv_bias_relu_forward(x, w, b, True, *case.args),
+                     activation.relu_forward(with_bias), "bias + relu")
+    assert_same_bits(conv.conv_bias_relu_forward(x, w, None, True, *case.args),
+                     activation.relu_forward(plain), "relu")
+
+
+@pytest.mark.parametrize("shape_id", ["2d-batch1-split-channels", "3d"])
+def test_fused_batch_norm_relu_gives_the_unfused_bits(shape_id):
+    rng = np.random.default_rng(14)
+    x, gamma, beta = (dev(a) for a in _bn_inputs(rng, BN_SHAPES[shape_id], np.float32))
+    gy = dev(randn(rng, BN_SHAPES[shape_id], np.float32))
+    y, mean, invstd = norm.batch_norm_forward_train(x, gamma, beta, 1e-5)
+    yr, mean_r, invstd_r = norm.batch_norm_relu_forward_train(x, gamma, beta, 1e-5)
+    assert_same_bits(yr, activation.relu_forward(y), "forward")
+    assert_same_bits(mean_r, mean, "mean")
+    assert_same_bits(invstd_r, invstd, "invstd")
+    fused = norm.batch_norm_relu_backward(gy, x, yr, gamma, mean, invstd)
+    unfused = norm.batch_norm_backward(activation.relu_backward(gy, yr), x, gamma, mean, invstd)
+    for a, b, name in zip(fused, unfused, ("gx", "ggamma", "gbeta")):
+        assert_same_bits(a, b, name)
+    for a, b, name in zip(fused, norm.batch_norm_relu_backward(gy, x, yr, gamma, mean, invstd),
+                          ("gx", "ggamma", "gbeta")):
+        assert_same_bits(a, b, f"{name} repeat")
+    stats = (gamma, beta, mean, 1.0 / (invstd * invstd))
+    assert_same_bits(norm.batch_norm_relu_forward_eval(x, *stats, 1e-5),
+                     activation.relu_forward(norm.batch_norm_forward_eval(x, *stats, 1e-5)),
+                     "eval")
+
+
+def test_fused_ops_compose_on_the_cpu_paths():
+    """Paths without fused kernels get them composed from their plain ops (same results)."""
+    rng = np.random.default_rng(15)
+    x, gamma, beta = _bn_inputs(rng, BN_SHAPES["2d"], np.float64)
+    for path in ("reference", "cpu"):
+        k = dispatch.kernels_of(path)
+        y, mean, invstd = k.batch_norm_relu_forward_train(x, gamma, beta, 1e-5)
+        y_ref, _, _ = ref_norm.batch_norm_forward_train(x, gamma, beta, 1e-5)
+        assert_close(y, np.maximum(y_ref, 0))
+        gy = rng.standard_normal(x.shape)
+        grads = k.batch_norm_relu_backward(gy, x, y, gamma, mean, invstd)
+        want = ref_norm.batch_norm_backward(np.where(y > 0, gy, 0), x, gamma, mean, invstd)
+        for got, expected in zip(grads, want):
+            assert_close(got, expected)
+
+
+def _train_step(model, opt, x, target):
+    import cnnfast
+    from cnnfast import functional as F
+
+    opt.zero_grad()
+    loss = F.cross_entropy(model(cnnfast.tensor(x, device="cuda")),
+                           cnnfast.tensor(target, device="cuda"))
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def test_smallcnn_training_step_meets_the_launch_budget():
+    """Issue 10's target for one SmallCNN step on device cuda: <= 36 launches, <= 250 kernel
+    arguments (it was 51 launches carrying 617 arguments)."""
+    from cnnfast import models, optim
+
+    model = models.SmallCNN(seed=0).to("cuda")
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = np.random.default_rng(16).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    with rt.count_launches() as records:
+        _train_step(model, opt, x, np.array([0, 1]))
+    launches, arguments = len(records), sum(r.arguments for r in records)
+    assert launches <= 36 and arguments <= 250, (launches, arguments)
+    names = [r.kernel for r in records]
+    assert names.count("optimizer_update_kernel") == 1
+    assert "relu_forward_kernel" not in names  # every ReLU fused into its batch norm
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: __import__("cnnfast").optim.SGD(ps, lr=0.1),
+    lambda ps: __import__("cnnfast").optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1,
+                                               weight_decay=1e-2),
+    lambda ps: __import__("cnnfast").optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+    lambda ps: __import__("cnnfast").optim.Adam(ps, lr=0.01, weight_decay=1e-3),
+    lambda ps: __import__("cnnfast").optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+], ids=["sgd", "sgd-momentum-dampening-wd", "sgd-nesterov", "adam", "adamw"])
+def test_one_launch_optimizer_matches_the_host_updates(make):
+    import cnnfast
+    from cnnfast import nn
+
+    rng = np.random.default_rng(17)
+    shapes = [(4, 1, 3, 3), (4,), (2, 4)]
+    init = [randn(rng, s, np.float32) for s in shapes]
+    grads = [[randn(rng, s, np.float32) for s in shapes] for _ in range(3)]
+    results = {}
+    for device in ("cpu", "cuda"):
+        params = [nn.Parameter(a.copy(), device=device) for a in init]
+        opt = make(params)
+        with rt.count_launches() as records:
+            for step, gs in enumerate(grads):
+                if step == 2:  # a parameter replaced from outside is taken back in
+                    params[1].data = params[1].data * 1
+                for p, g in zip(params, gs):
+                    p.grad = cnnfast.Tensor(g, device=device)
+                opt.step()
+        results[device] = [p.numpy() for p in params]
+        if device == "cuda":
+            assert len(records) == 3, "one launch per step"
+    for got, want in zip(results["cuda"], results["cpu"]):
+        assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_skips_to_per_parameter_updates_when_a_gradient_is_missing():
+    import cnnfast
+    from cnnfast import nn, optim
+
+    a, b = (nn.Parameter(np.ones(3, np.float32), device="cuda") for _ in range(2))
+    opt = optim.Adam([a, b], lr=0.1)
+    a.grad = cnnfast.Tensor(np.ones(3, np.float32), device="cuda")
+    with rt.count_launches() as records:
+        opt.step()
+    assert not records and opt.state[id(a)]["step"] == 1 and id(b) not in opt.state
+    assert (a.numpy() < 1).all() and (b.numpy() == 1).all()
+
+
 # --- real GPU ---------------------------------------------------------------------------------
 
 @pytest.mark.gpu

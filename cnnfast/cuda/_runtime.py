@@ -157,7 +157,15 @@ def _current_stream():
     return stream
 
 
-def _as_kernel_arg(a):
+def _as_kernel_arg(a, like):
+    if isinstance(a, tuple):
+        # Numba passes a tuple as one kernel parameter per element, and its launch cost grows
+        # with every parameter; a geometry tuple (22 ints for a convolution) travels instead
+        # as one small int64 array, copied once per value and device. Kernels unpack it alike.
+        if not all(isinstance(v, (int, np.integer)) for v in a):
+            raise TypeError(f"a tuple kernel argument must hold ints, got {a!r}")
+        return cached_table(("tuple",) + tuple(int(v) for v in a),
+                            lambda: np.array(a, dtype=np.int64), like)
     if is_cupy_array(a):
         # CuPy's stream is the launch stream, so Numba need not synchronise on it.
         return cuda.as_cuda_array(a, sync=False)
@@ -168,13 +176,73 @@ def _as_kernel_arg(a):
     return a
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchRecord:
+    """One kernel launch seen by :func:`count_launches`: the kernel's name, how many arguments
+    Numba marshals for it, the Numba type of each argument as the launch passed it, the block
+    size and dynamic shared memory, and the kernel (dispatcher) itself."""
+
+    kernel: str
+    arguments: int
+    types: tuple
+    block: int
+    shared_bytes: int
+    dispatcher: object = dataclasses.field(compare=False, repr=False)
+
+
+_counters: list[list[LaunchRecord]] = []
+_record_only = False
+
+
+@contextlib.contextmanager
+def count_launches(record_only: bool = False):
+    """Record every launch made inside the block: ``with count_launches() as records: ...``.
+
+    Launch cost on a GPU grows with the number of launches and of kernel arguments, so these
+    two counts are the host-side budget of a training step; tests assert it. With
+    ``record_only`` nothing runs (host arrays in, outputs left unwritten): how ``cnnfast doctor
+    --compile`` finds every kernel variant and its argument types on a machine without a GPU.
+    """
+    global _record_only
+    records: list[LaunchRecord] = []
+    _counters.append(records)
+    previous, _record_only = _record_only, _record_only or record_only
+    try:
+        yield records
+    finally:
+        _counters.remove(records)
+        _record_only = previous
+
+
+def _record(kernel, args, block, shared_bytes: int) -> None:
+    from numba import typeof, types
+
+    arg_types = []
+    for a in args:
+        a = getattr(a, "value", a)  # cuda.In wraps the array
+        t = typeof(a)
+        if isinstance(t, types.Array) and not t.mutable:  # read-only on the host, not on a GPU
+            t = t.copy(readonly=False)
+        arg_types.append(t)
+    name = getattr(getattr(kernel, "py_func", None), "__name__", type(kernel).__name__)
+    threads = block if isinstance(block, int) else int(np.prod(block))
+    record = LaunchRecord(name, len(args), tuple(arg_types), threads, shared_bytes, kernel)
+    for records in _counters:
+        records.append(record)
+
+
 def launch(kernel, grid, block, *args, shared_bytes: int = 0) -> None:
     """``kernel[grid, block](*args)`` on CuPy's current stream, or in the simulator.
 
     ``grid`` and ``block`` are ints or tuples; array arguments are CuPy arrays on a GPU and
     NumPy arrays in the simulator. ``shared_bytes`` sizes ``cuda.shared.array(0, ...)``.
     """
-    converted = [_as_kernel_arg(a) for a in args]
+    like = next((a for a in args if is_cupy_array(a)), None)
+    converted = [_as_kernel_arg(a, like) for a in args]
+    if _counters:
+        _record(kernel, converted, block, shared_bytes)
+        if _record_only:
+            return
     stream = _current_stream() if any(is_cupy_array(a) for a in args) else 0
     kernel[grid, block, stream, shared_bytes](*converted)
 

@@ -32,12 +32,13 @@ split order, so every result is deterministic. Flat offsets are int64.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
 
 from cnnfast.cuda import _runtime as rt
-from cnnfast.cuda.norm import channel_map, channel_sums
+from cnnfast.cuda._channel import channel_map, channel_sum
 from cnnfast.shapes import output_size
 
 Ints = tuple[int, ...]
@@ -51,12 +52,40 @@ _X_TAP_COLUMNS = 4  # x offset of (c, kd, kh, kw) from the window corner; kd*DD,
 _GY_TAP_COLUMNS = 5  # gy offset k*OSP; kd*DD, kh*DH, kw*DW; w offset of (k, taps) in a group
 
 
-def _geometry(x_shape: Ints, w_shape: Ints, stride: Ints, padding: Ints, dilation: Ints,
-              groups: int) -> tuple[int, ...]:
-    """(N, C, D, H, W, K, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW, G).
+class Geometry(NamedTuple):
+    """One convolution's sizes, 2D lifted to 3D (D = KD = SD = DD = 1, PD = 0).
 
-    2D is lifted to 3D: D = KD = SD = DD = 1, PD = 0.
+    Host code reads the fields by name; a launch passes the tuple as one small int64 device
+    array (see ``_runtime.launch``), which the kernels unpack in this field order.
     """
+
+    N: int
+    C: int
+    D: int
+    H: int
+    W: int
+    K: int
+    KD: int
+    KH: int
+    KW: int
+    SD: int
+    SH: int
+    SW: int
+    PD: int
+    PH: int
+    PW: int
+    DD: int
+    DH: int
+    DW: int
+    OD: int
+    OH: int
+    OW: int
+    G: int
+
+
+def _geometry(x_shape: Ints, w_shape: Ints, stride: Ints, padding: Ints, dilation: Ints,
+              groups: int) -> Geometry:
+    """The :class:`Geometry` of a convolution of x (N, C, *S) by w (K, C/G, *KS)."""
     lift = 3 - (len(x_shape) - 2)  # 1 for 2D: prepend a depth axis of size 1
     n, c, *size = (int(s) for s in x_shape)
     k, _, *kernel = (int(s) for s in w_shape)
@@ -66,7 +95,7 @@ def _geometry(x_shape: Ints, w_shape: Ints, stride: Ints, padding: Ints, dilatio
     padding = [0] * lift + [int(p) for p in padding]
     dilation = [1] * lift + [int(d) for d in dilation]
     out = output_size(size, kernel, stride, padding, dilation)
-    return (n, c, *size, k, *kernel, *stride, *padding, *dilation, *out, int(groups))
+    return Geometry(n, c, *size, k, *kernel, *stride, *padding, *dilation, *out, int(groups))
 
 
 def _x_taps(geo, like):
@@ -75,8 +104,9 @@ def _x_taps(geo, like):
     Column 0 is the offset of x[c, d0 + kd*DD, h0 + kh*DH, w0 + kw*DW] from x[0, d0, h0, w0]
     (channel c of the group); columns 1-3 are kd*DD, kh*DH, kw*DW for the bounds test.
     """
-    (_, C, D, H, W, _, KD, KH, KW, _, _, _, _, _, _, DD, DH, DW, _, _, _, G) = geo
-    cg = C // G
+    C, D, H, W, KD, KH, KW = geo.C, geo.D, geo.H, geo.W, geo.KD, geo.KH, geo.KW
+    DD, DH, DW = geo.DD, geo.DH, geo.DW
+    cg = C // geo.G
 
     def build():
         c, kd, kh, kw = np.meshgrid(np.arange(cg), np.arange(KD), np.arange(KH), np.arange(KW),
@@ -94,8 +124,9 @@ def _gy_taps(geo, like):
     Columns: k * OSP (offset of filter k's gy plane), kd*DD, kh*DH, kw*DW, and the offset of
     w[k, 0, kd, kh, kw] within the group's filters (add c * KVOL for channel c).
     """
-    (_, C, _, _, _, K, KD, KH, KW, _, _, _, _, _, _, DD, DH, DW, OD, OH, OW, G) = geo
-    cg, kg, kvol, osp = C // G, K // G, KD * KH * KW, OD * OH * OW
+    KD, KH, KW, DD, DH, DW = geo.KD, geo.KH, geo.KW, geo.DD, geo.DH, geo.DW
+    cg, kg, kvol = geo.C // geo.G, geo.K // geo.G, KD * KH * KW
+    osp = geo.OD * geo.OH * geo.OW
 
     def build():
         k, kd, kh, kw = np.meshgrid(np.arange(kg), np.arange(KD), np.arange(KH), np.arange(KW),
@@ -110,7 +141,57 @@ def _gy_taps(geo, like):
 # --- kernels --------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _forward_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
+def _gemm_steps(tiles: rt.GemmTiles, dtype: np.dtype):
+    """The device functions the three GEMM kernels share, inlined at the Numba IR level (so the
+    register arrays they take stay in registers): ``clear(acc)``; ``multiply_slice`` (acc +=
+    one BK-deep slice of the staged tiles, through register fragments); ``stage_a_down``,
+    ``stage_a_across`` and ``stage_b_across`` (a thread's gathered elements into a tile, along
+    the reduction or along the tile's columns)."""
+    BK = tiles.block_k
+    RM, RN, TM, TN, NT = (tiles.micro_m, tiles.micro_n, tiles.threads_m, tiles.threads_n,
+                          tiles.threads)
+    A_LOADS, B_LOADS = tiles.block_m * BK // NT, tiles.block_n * BK // NT
+    zero = dtype.type(0)
+
+    @cuda.jit(device=True, inline="always")
+    def clear(acc):
+        for i in range(RM):
+            for j in range(RN):
+                acc[i, j] = zero
+
+    @cuda.jit(device=True, inline="always")
+    def multiply_slice(a_tile, b_tile, a_frag, b_frag, acc, tm, tn):
+        # This thread's rows tm + i * TM and columns tn + j * TN: conflict-free shared reads.
+        for kk in range(BK):
+            for i in range(RM):
+                a_frag[i] = a_tile[kk, tm + i * TM]
+            for j in range(RN):
+                b_frag[j] = b_tile[kk, tn + j * TN]
+            for i in range(RM):
+                for j in range(RN):
+                    acc[i, j] += a_frag[i] * b_frag[j]
+
+    @cuda.jit(device=True, inline="always")
+    def stage_a_down(tile, values, kk, step, col):
+        for li in range(A_LOADS):
+            tile[kk + li * step, col] = values[li]
+
+    @cuda.jit(device=True, inline="always")
+    def stage_a_across(tile, values, kk, col, step):
+        for li in range(A_LOADS):
+            tile[kk, col + li * step] = values[li]
+
+    @cuda.jit(device=True, inline="always")
+    def stage_b_across(tile, values, kk, col, step):
+        for li in range(B_LOADS):
+            tile[kk, col + li * step] = values[li]
+
+    return clear, multiply_slice, stage_a_down, stage_a_across, stage_b_across
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_kernel(tiles: rt.GemmTiles, dtype: np.dtype, bias: bool = False,
+                    relu: bool = False):
     BM, BN, BK = tiles.block_m, tiles.block_n, tiles.block_k
     RM, RN, TM, TN, NT = (tiles.micro_m, tiles.micro_n, tiles.threads_m, tiles.threads_n,
                           tiles.threads)
@@ -118,13 +199,17 @@ def _forward_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
     B_LOADS, B_STEP = BN * BK // NT, NT // BK  # w elements per thread per slice, cols between
     A_SHAPE, B_SHAPE = (BK, BM + 1), (BK, BN + 1)
     TAPS = _X_TAP_COLUMNS
+    HAS_BIAS, RELU = bias, relu
     nbt = rt.nb_type(dtype)
     zero = dtype.type(0)
+    clear, multiply_slice, stage_a_down, stage_a_across, stage_b_across = _gemm_steps(tiles, dtype)
 
     @cuda.jit
-    def conv_forward_kernel(x, w, taps, y, geo):
+    def conv_forward_kernel(x, w, b, taps, y, geo):
         # Each block computes a BM x BN tile of group g's y: BM output positions
-        # m = (n, od, oh, ow) by BN filters; each thread an RM x RN micro-tile of it.
+        # m = (n, od, oh, ow) by BN filters; each thread an RM x RN micro-tile of it, stored
+        # with the bias added (HAS_BIAS), then clamped at 0 (RELU): what bias_add and
+        # relu_forward would compute, bit for bit, without their launches.
         (N, C, D, H, W, K, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW, G) = geo
         cg = C // G
         kg = K // G
@@ -146,9 +231,7 @@ def _forward_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
         b_next = cuda.local.array(B_LOADS, nbt)
         a_frag = cuda.local.array(RM, nbt)
         b_frag = cuda.local.array(RN, nbt)
-        for i in range(RM):
-            for j in range(RN):
-                acc[i, j] = zero
+        clear(acc)
 
         # The output position this thread gathers x for: the same in every slice.
         a_row = t % BM
@@ -190,20 +273,11 @@ def _forward_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
                         v = w[w_group + k * red + r]
                     b_next[li] = v
             if s > 0:
-                for kk in range(BK):
-                    for i in range(RM):
-                        a_frag[i] = a_tile[kk, tm + i * TM]
-                    for j in range(RN):
-                        b_frag[j] = b_tile[kk, tn + j * TN]
-                    for i in range(RM):
-                        for j in range(RN):
-                            acc[i, j] += a_frag[i] * b_frag[j]
+                multiply_slice(a_tile, b_tile, a_frag, b_frag, acc, tm, tn)
             cuda.syncthreads()
             if s < steps:
-                for li in range(A_LOADS):
-                    a_tile[a_kk + li * A_STEP, a_row] = a_next[li]
-                for li in range(B_LOADS):
-                    b_tile[b_kk, b_col + li * B_STEP] = b_next[li]
+                stage_a_down(a_tile, a_next, a_kk, A_STEP, a_row)
+                stage_b_across(b_tile, b_next, b_kk, b_col, B_STEP)
             cuda.syncthreads()
 
         for i in range(RM):
@@ -214,7 +288,12 @@ def _forward_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
                 for j in range(RN):
                     k = n0 + tn + j * TN
                     if k < kg:
-                        y[y_row + k * osp] = acc[i, j]
+                        v = acc[i, j]
+                        if HAS_BIAS:
+                            v += b[g * kg + k]
+                        if RELU:
+                            v = zero if v < zero else v
+                        y[y_row + k * osp] = v
 
     return conv_forward_kernel
 
@@ -230,6 +309,7 @@ def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
     TAPS = _GY_TAP_COLUMNS
     nbt = rt.nb_type(dtype)
     zero = dtype.type(0)
+    clear, multiply_slice, stage_a_down, stage_a_across, stage_b_across = _gemm_steps(tiles, dtype)
 
     @cuda.jit
     def conv_backward_data_kernel(gy, w, taps, gx, geo):
@@ -259,9 +339,7 @@ def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
         b_next = cuda.local.array(B_LOADS, nbt)
         a_frag = cuda.local.array(RM, nbt)
         b_frag = cuda.local.array(RN, nbt)
-        for i in range(RM):
-            for j in range(RN):
-                acc[i, j] = zero
+        clear(acc)
 
         # The input position this thread gathers gy for, shifted into padded coordinates.
         a_row = t % BM
@@ -311,20 +389,11 @@ def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
                         v = w[w_group + taps[r * TAPS + 4] + c * kvol]
                     b_next[li] = v
             if s > 0:
-                for kk in range(BK):
-                    for i in range(RM):
-                        a_frag[i] = a_tile[kk, tm + i * TM]
-                    for j in range(RN):
-                        b_frag[j] = b_tile[kk, tn + j * TN]
-                    for i in range(RM):
-                        for j in range(RN):
-                            acc[i, j] += a_frag[i] * b_frag[j]
+                multiply_slice(a_tile, b_tile, a_frag, b_frag, acc, tm, tn)
             cuda.syncthreads()
             if s < steps:
-                for li in range(A_LOADS):
-                    a_tile[a_kk + li * A_STEP, a_row] = a_next[li]
-                for li in range(B_LOADS):
-                    b_tile[b_kk, b_col + li * B_STEP] = b_next[li]
+                stage_a_down(a_tile, a_next, a_kk, A_STEP, a_row)
+                stage_b_across(b_tile, b_next, b_kk, b_col, B_STEP)
             cuda.syncthreads()
 
         for i in range(RM):
@@ -351,6 +420,7 @@ def _backward_weight_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
     TAPS = _X_TAP_COLUMNS
     nbt = rt.nb_type(dtype)
     zero = dtype.type(0)
+    clear, multiply_slice, stage_a_down, stage_a_across, stage_b_across = _gemm_steps(tiles, dtype)
 
     @cuda.jit
     def conv_backward_weight_kernel(gy, x, taps, part, geo, chunk):
@@ -380,9 +450,7 @@ def _backward_weight_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
         b_next = cuda.local.array(B_LOADS, nbt)
         a_frag = cuda.local.array(RM, nbt)
         b_frag = cuda.local.array(RN, nbt)
-        for i in range(RM):
-            for j in range(RN):
-                acc[i, j] = zero
+        clear(acc)
 
         # Both operands are loaded along the reduction (output positions), which is contiguous
         # in gy and strided by SW in x: each thread owns one output position per slice.
@@ -422,20 +490,11 @@ def _backward_weight_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
                         v = gy[gy_pos + k * osp]
                     b_next[li] = v
             if s > 0:
-                for kk in range(BK):
-                    for i in range(RM):
-                        a_frag[i] = a_tile[kk, tm + i * TM]
-                    for j in range(RN):
-                        b_frag[j] = b_tile[kk, tn + j * TN]
-                    for i in range(RM):
-                        for j in range(RN):
-                            acc[i, j] += a_frag[i] * b_frag[j]
+                multiply_slice(a_tile, b_tile, a_frag, b_frag, acc, tm, tn)
             cuda.syncthreads()
             if s < steps:
-                for li in range(A_LOADS):
-                    a_tile[kk_own, col0 + li * LOAD_STEP] = a_next[li]
-                for li in range(B_LOADS):
-                    b_tile[kk_own, col0 + li * LOAD_STEP] = b_next[li]
+                stage_a_across(a_tile, a_next, kk_own, col0, LOAD_STEP)
+                stage_b_across(b_tile, b_next, kk_own, col0, LOAD_STEP)
             cuda.syncthreads()
 
         part_base = z * K * red + g * kg * red
@@ -468,22 +527,33 @@ def _sum_splits_kernel(dtype: np.dtype):
 
 # --- contract functions ---------------------------------------------------------------------
 
-def _out_shape(geo, nd: int) -> tuple[int, ...]:
-    return (geo[0], geo[5]) + tuple(geo[21 - nd:21])
+def _out_shape(geo: Geometry, nd: int) -> tuple[int, ...]:
+    return (geo.N, geo.K) + (geo.OD, geo.OH, geo.OW)[3 - nd:]
 
 
 def conv_forward(x, w, stride: Ints, padding: Ints, dilation: Ints, groups: int):
     """x (N, C, *S), w (K, C // groups, *KS) -> y (N, K, *O), cross-correlation like PyTorch."""
+    return conv_bias_relu_forward(x, w, None, False, stride, padding, dilation, groups)
+
+
+def conv_bias_relu_forward(x, w, b, relu: bool, stride: Ints, padding: Ints, dilation: Ints,
+                           groups: int):
+    """y = conv(x, w) [+ b (K,) per channel] [then max(y, 0)], in one launch -> (N, K, *O).
+
+    Bit for bit what conv_forward, bias_add and relu_forward give one after another.
+    """
     nd = x.ndim - 2
     geo = _geometry(x.shape, w.shape, stride, padding, dilation, groups)
     y = rt.empty(_out_shape(geo, nd), x.dtype, like=x)
     if y.size == 0:
         return y
     tiles = rt.current_config().tiles
-    kg = geo[5] // groups
-    grid = (rt.cdiv(y.size // geo[5], tiles.block_m), groups * rt.cdiv(kg, tiles.block_n))
-    rt.launch(_forward_kernel(tiles, np.dtype(x.dtype)), grid, tiles.threads,
-              rt.flat(x), rt.flat(w), _x_taps(geo, like=x), y.reshape(-1), geo)
+    kg = geo.K // groups
+    grid = (rt.cdiv(y.size // geo.K, tiles.block_m), groups * rt.cdiv(kg, tiles.block_n))
+    w_flat = rt.flat(w)
+    kernel = _forward_kernel(tiles, np.dtype(x.dtype), b is not None, bool(relu))
+    rt.launch(kernel, grid, tiles.threads, rt.flat(x), w_flat,
+              w_flat if b is None else rt.flat(b), _x_taps(geo, like=x), y.reshape(-1), geo)
     return y
 
 
@@ -498,8 +568,8 @@ def conv_backward_data(gy, w, x_shape: Ints, stride: Ints, padding: Ints, dilati
         gx[...] = 0
         return gx
     tiles = rt.current_config().tiles
-    cg = geo[1] // groups
-    grid = (rt.cdiv(gx.size // geo[1], tiles.block_m), groups * rt.cdiv(cg, tiles.block_n))
+    cg = geo.C // groups
+    grid = (rt.cdiv(gx.size // geo.C, tiles.block_m), groups * rt.cdiv(cg, tiles.block_n))
     rt.launch(_backward_data_kernel(tiles, np.dtype(gy.dtype)), grid, tiles.threads,
               rt.flat(gy), rt.flat(w), _gy_taps(geo, like=gy), gx.reshape(-1), geo)
     return gx
@@ -519,13 +589,13 @@ def conv_backward_weight(gy, x, w_shape: Ints, stride: Ints, padding: Ints, dila
     gw = rt.empty(tuple(int(s) for s in w_shape), gy.dtype, like=gy)
     if gw.size == 0:
         return gw
-    total = gy.size // geo[5] if geo[5] else 0  # N * OSP output positions
+    total = gy.size // geo.K if geo.K else 0  # N * OSP output positions
     if total == 0:
         gw[...] = 0
         return gw
     tiles = rt.current_config().tiles
-    kg = geo[5] // groups
-    red = gw.size // geo[5]
+    kg = geo.K // groups
+    red = gw.size // geo.K
     tile_blocks = rt.cdiv(red, tiles.block_m) * groups * rt.cdiv(kg, tiles.block_n)
     splits = _weight_splits(total, tile_blocks, tiles.block_k)
     chunk = rt.cdiv(rt.cdiv(total, splits), tiles.block_k) * tiles.block_k
@@ -549,4 +619,4 @@ def bias_add(y, b):
 
 def bias_grad(gy):
     """gy (N, K, *O) -> gb (K,): gy summed over every axis but 1 (fixed-order block reductions)."""
-    return channel_sums("sum", gy, dtype=gy.dtype)[0]
+    return channel_sum(gy)

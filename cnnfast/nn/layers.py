@@ -39,8 +39,19 @@ class Sequential(Module):
         return list(self._modules.values())[i]
 
     def forward(self, x):
-        for m in self._modules.values():
-            x = m(x)
+        # A layer with ``forward_relu`` (convolution, batch norm) followed by ReLU runs as one
+        # fused op: the same result, and on the cuda device fewer kernel launches.
+        modules = list(self._modules.values())
+        i = 0
+        while i < len(modules):
+            m = modules[i]
+            if (i + 1 < len(modules) and type(modules[i + 1]) is ReLU
+                    and hasattr(m, "forward_relu")):
+                x = m.forward_relu(x)
+                i += 2
+            else:
+                x = m(x)
+                i += 1
         return x
 
 
@@ -92,6 +103,11 @@ class Conv2d(_ConvNd):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
+    def forward_relu(self, x):
+        """``relu(self(x))`` as one op."""
+        return F._conv(2, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                       self.groups, relu=True)
+
 
 class Conv3d(_ConvNd):
     """3D convolution; weight (K, C/groups, KD, KH, KW)."""
@@ -101,6 +117,11 @@ class Conv3d(_ConvNd):
     def forward(self, x):
         return F.conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
+
+    def forward_relu(self, x):
+        """``relu(self(x))`` as one op."""
+        return F._conv(3, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                       self.groups, relu=True)
 
 
 class _MaxPool(Module):
@@ -269,13 +290,17 @@ class _BatchNorm(Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
 
-    def forward(self, x):
+    def forward(self, x, relu: bool = False):
         if isinstance(x, Tensor) and x.ndim != self.nd + 2:
             raise ValueError(f"{type(self).__name__}: input must be {self.nd + 2}-D, "
                              f"got shape {x.shape}")
         training = self.training or self.running_mean is None
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=training, momentum=self.momentum, eps=self.eps)
+        return F._batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             training=training, momentum=self.momentum, eps=self.eps, relu=relu)
+
+    def forward_relu(self, x):
+        """``relu(self(x))`` as one op."""
+        return self.forward(x, relu=True)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
