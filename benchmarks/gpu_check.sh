@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# GPU acceptance check: one command from a verdict on a machine with one NVIDIA GPU.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR          on a GPU, under 8 minutes
+#   bash benchmarks/gpu_check.sh --sim OUT_DIR    the same logic in Numba's CUDA simulator on tiny
+#                                                 shapes, hardware-only parts skipped (CI runs it)
+#
+# Steps (each bounded by a timeout; its exit status and time go to OUT_DIR/status.txt):
+#   doctor     cnnfast doctor: versions, driver, GPU
+#   suite      (a) the test suite on the GPU, gpu-marked tests included
+#   ops        (b) every op at real shapes (SmallCNN, ResNet-18 2D and 3D) vs the CPU reference
+#   memcheck   (c) compute-sanitizer memcheck over one SmallCNN training step (when installed)
+#   racecheck  (c) compute-sanitizer racecheck over the same step
+#   bench      (d) training steps and conv forward / backward-data / backward-weight per layer
+#                  vs PyTorch + cuDNN (TF32 off and on), host microseconds per launch
+# then a summary (OUT_DIR/summary.json) and the exit status: 0 when every step passed.
+# Runs from the working tree (no install): PYTHONPATH points at the repository.
+set -uo pipefail
+
+sim=0
+if [ "${1:-}" = "--sim" ]; then
+    sim=1
+    shift
+fi
+if [ $# -ne 1 ]; then
+    echo "usage: bash benchmarks/gpu_check.sh [--sim] OUT_DIR" >&2
+    exit 2
+fi
+out="$1"
+mkdir -p "$out" || exit 2
+out="$(cd "$out" && pwd)"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo" || exit 2
+py="${PYTHON:-python3}"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+log="$out/gpu_check.log"
+: >"$log"
+: >"$out/status.txt"
+flags=()
+if [ "$sim" -eq 1 ]; then
+    flags=(--sim)
+    export NUMBA_ENABLE_CUDASIM=1
+fi
+
+# run NAME LIMIT_SECONDS COMMAND...: log the output, record "NAME STATUS SECONDS"
+run() {
+    local name="$1" limit="$2"
+    shift 2
+    echo "=== $name: $*" | tee -a "$log"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    echo "$name $rc $((SECONDS - start))" >>"$out/status.txt"
+    echo "=== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$log"
+}
+
+skip() {
+    echo "=== $1: skipped ($2)" | tee -a "$log"
+    echo "$1 77 0" >>"$out/status.txt"
+}
+
+run doctor 60 "$py" -m cnnfast doctor
+
+if [ "$sim" -eq 1 ]; then
+    # The whole suite is what CI runs anyway; here one fused-kernel test proves the step works.
+    run suite 300 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_kernels.py \
+        -k "fused_conv_bias_relu"
+else
+    xdist=()
+    if "$py" -c "import xdist" 2>/dev/null; then
+        xdist=(-n 8)  # CPU tests spread over the cores; the GPU is shared by the workers
+    fi
+    run suite 270 "$py" -m pytest -q -p no:cacheprovider "${xdist[@]}" tests
+fi
+
+run ops 150 "$py" benchmarks/gpu_check.py ops "$out" "${flags[@]}"
+
+if [ "$sim" -eq 1 ]; then
+    run step 120 "$py" benchmarks/gpu_check.py step "$out" --sim
+    skip memcheck "the simulator has no device code to check"
+    skip racecheck "the simulator has no device code to check"
+elif command -v compute-sanitizer >/dev/null 2>&1; then
+    for tool in memcheck racecheck; do
+        run "$tool" 100 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+            "$py" benchmarks/gpu_check.py step "$out"
+    done
+else
+    skip memcheck "compute-sanitizer not installed"
+    skip racecheck "compute-sanitizer not installed"
+fi
+
+run bench 150 "$py" benchmarks/gpu_check.py bench "$out" "${flags[@]}"
+
+"$py" benchmarks/gpu_check.py summary "$out" "${flags[@]}" 2>&1 | tee -a "$log"
+exit "${PIPESTATUS[0]}"
