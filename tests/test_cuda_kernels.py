@@ -435,6 +435,28 @@ def test_fused_ops_compose_on_the_cpu_paths():
             assert_close(got, expected)
 
 
+def test_sequential_fuses_relu_only_into_layers_without_their_own_forward():
+    import cnnfast
+    from cnnfast import functional as F
+    from cnnfast import nn
+
+    calls = []
+
+    class Logged(nn.BatchNorm2d):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    x = cnnfast.tensor(np.random.default_rng(18).standard_normal((2, 1, 5, 5)).astype(
+        np.float32), device="cuda")
+    for bn in (nn.BatchNorm2d(2), Logged(2)):
+        conv_layer = nn.Conv2d(1, 2, 3, rng=np.random.default_rng(0))
+        fused = nn.Sequential(conv_layer, bn, nn.ReLU()).to("cuda")(x)
+        plain = F.relu(bn(conv_layer(x)))
+        assert_same_bits(fused.data, plain.data, type(bn).__name__)
+    assert calls == [1, 1]  # the subclass's forward ran, in Sequential and directly
+
+
 def _train_step(model, opt, x, target):
     import cnnfast
     from cnnfast import functional as F

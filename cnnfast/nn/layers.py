@@ -104,7 +104,9 @@ class Conv2d(_ConvNd):
                         self.groups)
 
     def forward_relu(self, x):
-        """``relu(self(x))`` as one op."""
+        """``relu(self(x))``, as one op unless a subclass has its own forward."""
+        if type(self).forward is not Conv2d.forward:
+            return F.relu(self(x))
         return F._conv(2, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                        self.groups, relu=True)
 
@@ -119,7 +121,9 @@ class Conv3d(_ConvNd):
                         self.groups)
 
     def forward_relu(self, x):
-        """``relu(self(x))`` as one op."""
+        """``relu(self(x))``, as one op unless a subclass has its own forward."""
+        if type(self).forward is not Conv3d.forward:
+            return F.relu(self(x))
         return F._conv(3, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                        self.groups, relu=True)
 
@@ -290,17 +294,22 @@ class _BatchNorm(Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
 
-    def forward(self, x, relu: bool = False):
+    def forward(self, x):
+        return self._forward(x, relu=False)
+
+    def forward_relu(self, x):
+        """``relu(self(x))``, as one op unless a subclass has its own forward."""
+        if type(self).forward is not _BatchNorm.forward:
+            return F.relu(self(x))
+        return self._forward(x, relu=True)
+
+    def _forward(self, x, relu: bool):
         if isinstance(x, Tensor) and x.ndim != self.nd + 2:
             raise ValueError(f"{type(self).__name__}: input must be {self.nd + 2}-D, "
                              f"got shape {x.shape}")
         training = self.training or self.running_mean is None
         return F._batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                              training=training, momentum=self.momentum, eps=self.eps, relu=relu)
-
-    def forward_relu(self, x):
-        """``relu(self(x))`` as one op."""
-        return self.forward(x, relu=True)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
