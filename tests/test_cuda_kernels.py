@@ -348,7 +348,8 @@ def test_default_config_on_tiny_shapes():
 def test_import_compiles_nothing_and_needs_no_cupy():
     code = ("import sys\n"
             "import cnnfast.cuda.conv, cnnfast.cuda.pool, cnnfast.cuda.norm, "
-            "cnnfast.cuda.activation\n"
+            "cnnfast.cuda.activation, cnnfast.cuda.optim, cnnfast.cuda._variants, "
+            "cnnfast.doctor\n"
             "from cnnfast.cuda import conv\n"
             "assert 'cupy' not in sys.modules, 'cupy imported'\n"
             "assert conv._forward_kernel.cache_info().currsize == 0, 'compiled at import'\n")

@@ -14,6 +14,11 @@ Launch settings (:class:`LaunchConfig`): the GEMM tiles of the convolution kerne
 block size of the elementwise, pooling and reduction kernels. The defaults are chosen for a GPU;
 :func:`launch_config` switches them for a block of code (tests use :data:`SMALL_TILES` in the
 simulator, which runs one Python thread per CUDA thread).
+
+Launch cost: on a GPU the host side decides small-network speed, and Numba's cost per launch
+grows with every kernel parameter, so :func:`launch` passes a tuple (a geometry) as one cached
+device array, and :func:`count_launches` records launches and arguments for the tests that hold
+a training step to its budget (and, with ``record_only``, for ``cnnfast doctor --compile``).
 """
 
 from __future__ import annotations
