@@ -627,49 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="kernel benchmarks (cnnfast.bench; see cnnfast bench --help)",
                    add_help=False)
-    _add_doctor_parser(sub)
+    from cnnfast import doctor
+
+    doctor.add_parser(sub)  # cnnfast doctor: its arguments and command live in cnnfast/doctor.py
     return parser
-
-
-# --- cnnfast doctor (issue #10) -------------------------------------------------------------------
-
-def _arch_list(text: str) -> tuple[str, ...]:
-    from cnnfast import doctor
-
-    arches = tuple(a.strip() for a in text.split(",") if a.strip())
-    bad = [a for a in arches if a not in doctor.ARCHES]
-    if not arches or bad:
-        raise argparse.ArgumentTypeError(f"architectures must be among {','.join(doctor.ARCHES)}"
-                                         f", got {text!r}")
-    return arches
-
-
-def _add_doctor_parser(sub) -> None:
-    p = sub.add_parser("doctor", help="check this machine: versions, GPU and driver, CPU path; "
-                                      "--compile builds every CUDA kernel for real",
-                       description="Report versions, the GPU and driver CUDA version, the CPU "
-                                   "path and threads, Numba's cache, with advice per problem. "
-                                   "--compile compiles every CUDA kernel variant with NVVM and "
-                                   "ptxas (no GPU needed) and prints registers, spills, shared "
-                                   "memory and occupancy; exit status 1 on an error or a spill.")
-    p.add_argument("--compile", action="store_true", help="compile every kernel variant")
-    p.add_argument("--arch", type=_arch_list, default=None, metavar="LIST",
-                   help="with --compile: target architectures (default sm_80,sm_90)")
-    p.add_argument("--json", default=None, metavar="PATH",
-                   help="with --compile: also write the table as JSON")
-    p.add_argument("--jobs", type=_positive_int, default=None,
-                   help="with --compile: compiler processes (default: the CPU count, at most 8)")
-    p.set_defaults(func=cmd_doctor)
-
-
-def cmd_doctor(args) -> int:
-    from cnnfast import doctor
-
-    if args.compile:
-        return doctor.run_compile(args.json, args.arch or doctor.ARCHES, args.jobs)
-    if args.json or args.arch or args.jobs:
-        raise SystemExit("cnnfast doctor: --arch, --json and --jobs go with --compile")
-    return doctor.print_environment()
 
 
 def _version() -> str:
