@@ -272,6 +272,7 @@ def _compile_one(index: int, arch: str, ptxas: str) -> CompileRow:
     variant, key = _label(label, record)
     row = CompileRow(record.kernel, variant, arch, key, threads=record.block)
     cc = (int(arch[3]), int(arch[4:]))
+    _target_without_driver(cc)
     try:
         ptx, _ = cuda.compile_ptx(record.dispatcher.py_func, record.types, cc=cc)
     except Exception as exc:  # noqa: BLE001 - any compile failure is a table row
@@ -300,6 +301,22 @@ def _compile_one(index: int, arch: str, ptxas: str) -> CompileRow:
     row.blocks_per_sm, row.occupancy = occupancy(arch, row.registers, row.shared_bytes,
                                                  row.threads)
     return row
+
+
+class _TargetDevice:
+    """Stands in for the current device when there is no driver: numba-cuda compiles a device
+    function that is not inlined for ``get_current_device().compute_capability`` (a GPU would
+    answer); here the answer is the architecture being compiled for."""
+
+    def __init__(self, cc: tuple[int, int]):
+        self.compute_capability = cc
+
+
+def _target_without_driver(cc: tuple[int, int]) -> None:
+    from numba.cuda import dispatcher
+
+    if hasattr(dispatcher, "get_current_device"):
+        dispatcher.get_current_device = lambda: _TargetDevice(cc)
 
 
 def _worker_init() -> None:
