@@ -24,6 +24,45 @@ import pytest  # noqa: E402
 
 from cnnfast import dispatch  # noqa: E402
 
+
+def _lock_simulator_shared_arrays() -> None:
+    """Make the simulator's ``cuda.shared.array`` allocation atomic across a block's threads.
+
+    Numba's simulator keys a block's shared arrays by the calling source line and creates one on
+    first use with an unlocked get-then-set; one Python thread per CUDA thread and the short
+    GIL switch interval below let two threads of the first block both miss and each get a
+    private array, so a kernel's shared tile silently splits (seen as rare, load-dependent
+    wrong or non-repeatable results in full-suite runs). Same keys, same arrays; only a lock."""
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+
+    shared = kernelapi.FakeCUDAShared
+    if getattr(shared, "_cnnfast_locked", False):
+        return
+    original = shared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype):
+        if shape == 0:  # dynamic shared memory: one buffer, no race
+            return original(self, shape, dtype)
+        if isinstance(dtype, kernelapi.types.Type):
+            dtype = kernelapi.numpy_support.as_dtype(dtype)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)  # the simulator's key: file, line
+        with lock:
+            res = self._allocations.get(key)
+            if res is None:
+                res = self._allocations[key] = np.empty(shape, dtype)
+        return res
+
+    shared.array = array
+    shared._cnnfast_locked = True
+
+
+if not GPU:
+    _lock_simulator_shared_arrays()
+
 # (device, cpu path) pairs every path-parametrised test runs on.
 PATHS = [("cpu", "reference"), ("cpu", "fast"), ("cuda", "fast")]
 PATH_IDS = ["reference", "cpu", "cuda-gpu" if GPU else "cuda-sim"]

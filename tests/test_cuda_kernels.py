@@ -578,3 +578,34 @@ def test_gpu_real_shapes_match_reference_and_repeat():
                                          out[1], out[2])
         assert_same_bits(gx_bn[0], norm.batch_norm_backward(
             cupy.asarray(x), cupy.asarray(x), cupy.asarray(gamma), out[1], out[2])[0], "bn gx")
+
+
+@pytest.mark.skipif(ON_GPU, reason="about Numba's CUDA simulator")
+def test_simulator_gives_a_block_one_shared_array_per_line():
+    """conftest locks the simulator's shared-array allocation: unlocked, 32 threads reaching one
+    ``cuda.shared.array`` line together got several private arrays in about 4% of launches
+    (numba-cuda 0.30.4), which showed as rare wrong or non-repeatable kernel results."""
+    import threading
+
+    from numba.cuda.simulator import kernelapi
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: widen any race
+    try:
+        for _ in range(300):
+            shared = kernelapi.FakeCUDAShared(0)
+            start = threading.Barrier(32)
+            got = []
+
+            def thread():
+                start.wait()
+                got.append(id(shared.array(16, np.float64)))
+
+            threads = [threading.Thread(target=thread) for _ in range(32)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(set(got)) == 1, f"{len(set(got))} arrays for one shared.array line"
+    finally:
+        sys.setswitchinterval(interval)
