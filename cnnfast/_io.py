@@ -4,9 +4,8 @@
 renames it over the target (``os.replace``, atomic on POSIX and Windows) and fsyncs the folder so
 the rename itself survives a power cut. A crash or an exception inside the block leaves the old
 file (or no file) under the real name and removes the temporary file: nothing is half-written.
-Used by checkpoints, ``data.save_npz``, ``data.download`` and the CLI's JSON files. The benchmark
-report is meant to use it too (``with atomic_write(out, "w") as f: json.dump(report, f)``); its
-own temporary-then-rename copy goes when ``bench.py`` is split into a package.
+Used by checkpoints, the training state, ``data.save_npz``, ``data.download``, the CLI's JSON
+files, predictions and the benchmark report.
 """
 
 from __future__ import annotations

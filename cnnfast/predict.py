@@ -72,12 +72,18 @@ def _load_image_folder(folder: Path, files: list[Path], channels: int,
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"{f}: cannot read the image ({exc})") from None
         arrays.append(a[None] if channels == 1 else np.moveaxis(a, -1, 0))
+    _warn_resized(folder, "images", resized, image_shape, "bilinear")
+    return Inputs(np.stack(arrays), [f.name for f in files], name_column="file")
+
+
+def _warn_resized(folder: Path, what: str, resized: set, image_shape: tuple[int, ...],
+                  method: str) -> None:
+    """One warning naming the sizes that were resized to the checkpoint's ``image_shape``."""
     if resized:
         sizes = ", ".join("x".join(map(str, s)) for s in sorted(resized))
-        warnings.warn(f"{folder}: images of size {sizes} were resized to "
-                      f"{'x'.join(map(str, image_shape))} (bilinear), the size the checkpoint "
-                      f"was trained on", stacklevel=3)
-    return Inputs(np.stack(arrays), [f.name for f in files], name_column="file")
+        warnings.warn(f"{folder}: {what} of size {sizes} were resized to "
+                      f"{'x'.join(map(str, image_shape))} ({method}), the size the checkpoint "
+                      f"was trained on", stacklevel=4)
 
 
 def _load_volume_folder(folder: Path, files: list[Path], channels: int,
@@ -100,11 +106,7 @@ def _load_volume_folder(folder: Path, files: list[Path], channels: int,
         dtypes.add(a.dtype)
     if len(dtypes) > 1:
         raise DataError(f"{folder}: the volumes mix dtypes {sorted(map(str, dtypes))}; use one")
-    if resized:
-        sizes = ", ".join("x".join(map(str, s)) for s in sorted(resized))
-        warnings.warn(f"{folder}: volumes of size {sizes} were resized to "
-                      f"{'x'.join(map(str, image_shape))} (trilinear), the size the checkpoint "
-                      f"was trained on", stacklevel=3)
+    _warn_resized(folder, "volumes", resized, image_shape, "trilinear")
     return Inputs(np.stack(arrays), [f.name for f in files], name_column="file")
 
 
