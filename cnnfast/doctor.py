@@ -15,7 +15,6 @@ kernel fails to compile or spills.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import functools
@@ -425,50 +424,3 @@ def run_compile(json_path: str | None = None, arches=ARCHES, jobs: int | None = 
         with _io.atomic_write(json_path, "w") as f:
             f.write(json.dumps(payload, indent=1) + "\n")
     return 1 if errors or spills else 0
-
-
-# --- the command line: `cnnfast doctor` (cnnfast.cli adds this subcommand) --------------------
-
-def _arch_list(text: str) -> tuple[str, ...]:
-    arches = tuple(a.strip() for a in text.split(",") if a.strip())
-    bad = [a for a in arches if a not in ARCHES]
-    if not arches or bad:
-        raise argparse.ArgumentTypeError(f"architectures must be among {','.join(ARCHES)}, "
-                                         f"got {text!r}")
-    return arches
-
-
-def _jobs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return value
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("doctor", help="check this machine: versions, GPU and driver, CPU path; "
-                                      "--compile builds every CUDA kernel for real",
-                       description="Report versions, the GPU and driver CUDA version, the CPU "
-                                   "path and threads, Numba's cache, with advice per problem. "
-                                   "--compile compiles every CUDA kernel variant with NVVM and "
-                                   "ptxas (no GPU needed) and prints registers, spills, shared "
-                                   "memory and occupancy; exit status 1 on an error or a spill.")
-    p.add_argument("--compile", action="store_true", help="compile every kernel variant")
-    p.add_argument("--arch", type=_arch_list, default=None, metavar="LIST",
-                   help="with --compile: target architectures (default sm_80,sm_90)")
-    p.add_argument("--json", default=None, metavar="PATH",
-                   help="with --compile: also write the table as JSON")
-    p.add_argument("--jobs", type=_jobs, default=None,
-                   help="with --compile: compiler processes (default: the CPU count, at most 8)")
-    p.set_defaults(func=command)
-
-
-def command(args) -> int:
-    if args.compile:
-        return run_compile(args.json, args.arch or ARCHES, args.jobs)
-    if args.json or args.arch or args.jobs:
-        raise SystemExit("cnnfast doctor: --arch, --json and --jobs go with --compile")
-    return print_environment()

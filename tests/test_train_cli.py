@@ -62,14 +62,14 @@ def test_fit_keeps_best_validation_weights_and_is_reproducible(tmp_path):
 
 
 def test_cnn_beats_linear_model_on_synthetic_nodules():
-    from cnnfast.cli import _linear_baseline
+    from cnnfast.cli.train import linear_baseline
 
     ds = synthetic.nodule_dataset(1000, 200, 500, seed=1)
     model = SmallCNN(1, 2, seed=1)
     fit(model, ds, TrainConfig(epochs=5, batch_size=64, lr=3e-3, schedule="cosine", seed=1),
         progress=False)
     cnn, _ = evaluate(model, ds.test, ds.task, ds.label_names, ds.normalization)
-    linear = _linear_baseline(ds)
+    linear = linear_baseline(ds)
     assert linear < 0.72, linear
     assert cnn.auc > linear + 0.08, (cnn.auc, linear)
 

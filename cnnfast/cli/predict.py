@@ -1,52 +1,57 @@
-"""The ``cnnfast export`` and ``cnnfast predict`` commands (models leaving cnnfast).
+"""``cnnfast export`` and ``cnnfast predict``: models leaving cnnfast.
 
 Their work is done by :mod:`cnnfast.predict` (``export_checkpoint``, ``predict_checkpoint``);
-this module holds their parsers and the command functions, which report through the same
-one-line errors (exit status 2) as the rest of :mod:`cnnfast.cli`, whose shared steps they are
-handed by ``add_parsers``.
+this module holds their parsers and the command functions.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
-from types import SimpleNamespace
+
+from cnnfast.cli._common import (
+    CLIError,
+    add_device_arg,
+    check_device,
+    check_writable,
+    load_data,
+    positive_int,
+)
 
 
-def cmd_export(args: argparse.Namespace, cli: SimpleNamespace) -> int:
+def run_export(args: argparse.Namespace) -> int:
     from cnnfast.export import ExportError
     from cnnfast.predict import export_checkpoint
 
     if Path(args.out).is_dir():
-        raise cli.error(f"--out {args.out} is a directory; give a file name such as model.onnx")
+        raise CLIError(f"--out {args.out} is a directory; give a file name such as model.onnx")
     try:
         path = export_checkpoint(args.checkpoint, args.out, opset=args.opset)
     except (ImportError, ExportError) as exc:
-        raise cli.error(f"cannot export {args.checkpoint}: {exc}") from None
+        raise CLIError(f"cannot export {args.checkpoint}: {exc}") from None
     print(f"ONNX model written to {path} (opset {args.opset}; input: raw images N x C x ..., "
           f"float32; output: class probabilities)")
     return 0
 
 
-def cmd_predict(args: argparse.Namespace, cli: SimpleNamespace) -> int:
+def run_predict(args: argparse.Namespace) -> int:
     import warnings
 
     from cnnfast.predict import predict_checkpoint
 
-    cli.check_device(args.device)
+    check_device(args.device)
     if Path(args.out).is_dir():
-        raise cli.error(f"--out {args.out} is a directory; give a file name such as preds.csv")
+        raise CLIError(f"--out {args.out} is a directory; give a file name such as preds.csv")
     if args.gradcam:
-        cli.check_writable(Path(args.gradcam))
+        check_writable(Path(args.gradcam))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = predict_checkpoint(args.checkpoint, args.data, args.out, split=args.split,
                                     batch_size=args.batch_size, device=args.device,
                                     gradcam=args.gradcam, gradcam_max=args.gradcam_max,
                                     progress=not args.no_progress,
-                                    load_dataset=lambda _: cli.load_data(args))
+                                    load_dataset=lambda _: load_data(args))
     for w in caught:
         print(f"cnnfast predict: warning: {w.message}", file=sys.stderr)
     print(f"{result.count} predictions written to {args.out} ({', '.join(result.labels)})")
@@ -57,10 +62,8 @@ def cmd_predict(args: argparse.Namespace, cli: SimpleNamespace) -> int:
     return 0
 
 
-def add_parsers(sub, cli: SimpleNamespace) -> None:
-    """Add ``export`` and ``predict`` to the ``cnnfast`` subparsers ``sub``. ``cli`` holds the
-    shared steps of :mod:`cnnfast.cli`: ``error`` (its one-line error class), ``positive_int``,
-    ``add_device_arg``, ``check_device``, ``check_writable``, ``load_data``."""
+def add_parser(sub) -> None:
+    """Add ``export`` and ``predict`` to the ``cnnfast`` subparsers ``sub``."""
     p = sub.add_parser("export", help="export a checkpoint as an ONNX model",
                        description="Write a checkpoint as an ONNX model that takes raw images "
                                    "(N x C x spatial, float32, as the .npz stores them), applies "
@@ -70,9 +73,8 @@ def add_parsers(sub, cli: SimpleNamespace) -> None:
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="a checkpoint written by cnnfast train or demo")
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="the ONNX file to write")
-    p.add_argument("--opset", type=cli.positive_int, default=17, help="ONNX opset (>= 17; default "
-                                                                   "17)")
-    p.set_defaults(func=functools.partial(cmd_export, cli=cli))
+    p.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (>= 17; default 17)")
+    p.set_defaults(func=run)
 
     p = sub.add_parser("predict", help="class probabilities of a checkpoint on new images",
                        description="Write a CSV of class probabilities (softmax; sigmoid for "
@@ -91,9 +93,9 @@ def add_parsers(sub, cli: SimpleNamespace) -> None:
     p.add_argument("--out", required=True, metavar="FILE.csv", help="the CSV to write")
     p.add_argument("--gradcam", default=None, metavar="DIR",
                    help="also write a Grad-CAM heatmap PNG per image into DIR")
-    p.add_argument("--gradcam-max", type=cli.positive_int, default=64, metavar="N",
+    p.add_argument("--gradcam-max", type=positive_int, default=64, metavar="N",
                    help="heatmaps for at most the first N images (default 64)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--size", type=int, choices=(28, 64, 128, 224), default=None,
                    help="image size of a MedMNIST name (default 28)")
     p.add_argument("--data-root", default=None, metavar="DIR",
@@ -102,5 +104,9 @@ def add_parsers(sub, cli: SimpleNamespace) -> None:
     p.add_argument("--data-seed", type=int, default=0, metavar="N",
                    help="seed of a synthetic dataset (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    cli.add_device_arg(p)
-    p.set_defaults(func=functools.partial(cmd_predict, cli=cli))
+    add_device_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_export(args) if args.command == "export" else run_predict(args)
