@@ -535,8 +535,8 @@ class ShardedDropout(nn.Dropout):
     shards = None
 
     def forward(self, x):
-        from cnnfast import functional as F
         from cnnfast import rng as _rng
+        from cnnfast.functional.activation import Dropout
         from cnnfast.tensor import as_tensor
 
         shards = self.shards
@@ -548,7 +548,7 @@ class ShardedDropout(nn.Dropout):
         shape = (rows,) + x.shape[1:]
         mask = dispatch.kernels(x.device).dropout_mask(x.xp, shape, float(self.p),
                                                        _rng.resolve(self.rng), x.dtype)
-        return F.Dropout.apply(x, mask=mask[start:start + x.shape[0]])
+        return Dropout(mask[start:start + x.shape[0]]).apply(x)
 
 
 def broadcast_module(module, comm: Communicator) -> None:

@@ -13,6 +13,9 @@ of depth 1: :func:`lift3` pads a 2-tuple of spatial parameters to 3, depth first
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from numbers import Integral
+
 Ints = tuple[int, ...]
 
 
@@ -74,3 +77,17 @@ def avg_pool_divisor(size: Ints, kernel: Ints, stride: Ints, padding: Ints, out:
         view[axis] = o
         divisor = divisor * length.reshape(view)
     return divisor
+
+
+def ntuple(value, nd: int, op: str, name: str, minimum: int) -> tuple[int, ...]:
+    """An int or a length-``nd`` sequence of ints, each >= ``minimum``, as a tuple."""
+    if isinstance(value, Integral) and not isinstance(value, bool):
+        values = (int(value),) * nd
+    elif (isinstance(value, Sequence) and len(value) == nd
+          and all(isinstance(v, Integral) and not isinstance(v, bool) for v in value)):
+        values = tuple(int(v) for v in value)
+    else:
+        raise ValueError(f"{op}: {name} must be an int or a tuple of {nd} ints, got {value!r}")
+    if min(values) < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum} in every dimension, got {value!r}")
+    return values

@@ -1,6 +1,7 @@
 """Tensor, the autograd graph, ``backward`` and ``no_grad``.
 
-Each op is a :class:`Function` with ``forward`` (arrays in, one array out) and ``backward``
+Each op is a :class:`Function` that declares its parameters in ``__init__``, with ``forward``
+(arrays in, one array out, or a tuple whose extra outputs carry no gradient) and ``backward``
 (the output's gradient in, one gradient per input out). ``forward`` saves only what ``backward``
 needs and reads ``self.needs_input_grad`` to skip the rest; ``backward`` returns ``None`` for
 inputs nobody asked a gradient for. ``Tensor.backward`` walks the graph in reverse topological
@@ -158,7 +159,7 @@ class Tensor:
         dtype = self.dtype if dtype is None else np.dtype(dtype)
         if device == self.device and dtype == self.dtype:
             return self
-        return Convert.apply(self, device=device, dtype=dtype)
+        return Convert(device, dtype).apply(self)
 
     def cpu(self) -> Tensor:
         return self.to("cpu")
@@ -245,42 +246,42 @@ class Tensor:
         return Tensor(data, device=self.device)
 
     def __add__(self, other):
-        return Add.apply(self, self._operand(other))
+        return Add().apply(self, self._operand(other))
 
     def __radd__(self, other):
-        return Add.apply(self._operand(other), self)
+        return Add().apply(self._operand(other), self)
 
     def __sub__(self, other):
-        return Sub.apply(self, self._operand(other))
+        return Sub().apply(self, self._operand(other))
 
     def __rsub__(self, other):
-        return Sub.apply(self._operand(other), self)
+        return Sub().apply(self._operand(other), self)
 
     def __mul__(self, other):
-        return Mul.apply(self, self._operand(other))
+        return Mul().apply(self, self._operand(other))
 
     def __rmul__(self, other):
-        return Mul.apply(self._operand(other), self)
+        return Mul().apply(self._operand(other), self)
 
     def __truediv__(self, other):
-        return Div.apply(self, self._operand(other))
+        return Div().apply(self, self._operand(other))
 
     def __rtruediv__(self, other):
-        return Div.apply(self._operand(other), self)
+        return Div().apply(self._operand(other), self)
 
     def __neg__(self):
-        return Neg.apply(self)
+        return Neg().apply(self)
 
     def __pow__(self, exponent: float):
         if isinstance(exponent, Tensor):
             raise TypeError("pow: only a Python number exponent is supported")
-        return Pow.apply(self, exponent=float(exponent))
+        return Pow(float(exponent)).apply(self)
 
     def __matmul__(self, other):
-        return MatMul.apply(self, self._operand(other))
+        return MatMul().apply(self, self._operand(other))
 
     def __rmatmul__(self, other):
-        return MatMul.apply(self._operand(other), self)
+        return MatMul().apply(self._operand(other), self)
 
     def _compare(self, other, op) -> Tensor:
         other = other.data if isinstance(other, Tensor) else other
@@ -301,16 +302,16 @@ class Tensor:
     __hash__ = object.__hash__
 
     def exp(self):
-        return Exp.apply(self)
+        return Exp().apply(self)
 
     def log(self):
-        return Log.apply(self)
+        return Log().apply(self)
 
     def sigmoid(self):
-        return Sigmoid.apply(self)
+        return Sigmoid().apply(self)
 
     def sum(self, axis=None, keepdims: bool = False):
-        return Sum.apply(self, axis=_normalize_axis(axis, self.ndim), keepdims=keepdims)
+        return Sum(_normalize_axis(axis, self.ndim), keepdims).apply(self)
 
     def mean(self, axis=None, keepdims: bool = False):
         axes = _normalize_axis(axis, self.ndim)
@@ -320,7 +321,7 @@ class Tensor:
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        return Reshape.apply(self, shape=tuple(int(s) for s in shape))
+        return Reshape(tuple(int(s) for s in shape)).apply(self)
 
     def view(self, *shape):
         return self.reshape(*shape)
@@ -343,7 +344,7 @@ class Tensor:
             order = list(range(self.ndim))
             order[a], order[b] = order[b], order[a]
             axes = tuple(order)
-        return Transpose.apply(self, axes=tuple(int(a) % self.ndim for a in axes))
+        return Transpose(tuple(int(a) % self.ndim for a in axes)).apply(self)
 
     @property
     def T(self):
@@ -352,7 +353,7 @@ class Tensor:
     def __getitem__(self, index):
         if isinstance(index, Tensor):
             index = index.data
-        return GetItem.apply(self, index=index)
+        return GetItem(index).apply(self)
 
 
 def _normalize_axis(axis, ndim: int) -> tuple[int, ...]:
@@ -400,39 +401,6 @@ def as_tensor(x, device: str | None = None, name: str = "input") -> Tensor:
     raise TypeError(f"{name}: expected a Tensor or a NumPy/CuPy array, got {type(x).__name__}")
 
 
-_DLPACK_CPU, _DLPACK_CUDA = 1, 2  # DLDeviceType codes (kDLCPU, kDLCUDA)
-
-
-def from_dlpack(x, requires_grad: bool = False) -> Tensor:
-    """A Tensor sharing memory with ``x``, any object with ``__dlpack__`` and
-    ``__dlpack_device__`` (a NumPy or CuPy array, a PyTorch tensor, another framework's array).
-
-    Host memory becomes a ``cpu`` tensor over a NumPy view, CUDA memory a ``cuda`` tensor over a
-    CuPy view; nothing is copied, so writes on either side are seen by the other. A PyTorch
-    tensor that requires grad must be ``.detach()``-ed first (PyTorch refuses to export it).
-    Raises ``TypeError`` for an object without the protocol and ``ValueError`` for memory on a
-    device cnnfast does not run on.
-    """
-    if isinstance(x, Tensor):
-        return x
-    if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
-        raise TypeError(f"from_dlpack: expected an object with __dlpack__ and __dlpack_device__ "
-                        f"(a NumPy/CuPy array, a PyTorch tensor, ...), got {type(x).__name__}")
-    device_type = int(x.__dlpack_device__()[0])
-    if device_type == _DLPACK_CPU:
-        data = np.from_dlpack(x)
-        device = "cpu"
-    elif device_type == _DLPACK_CUDA:
-        import cupy  # a CUDA producer means CuPy's world; imported only now
-
-        data = cupy.from_dlpack(x)
-        device = "cuda"
-    else:
-        raise ValueError(f"from_dlpack: memory on DLPack device type {device_type} is not "
-                         f"supported (expected {_DLPACK_CPU}: CPU or {_DLPACK_CUDA}: CUDA)")
-    return Tensor(data, requires_grad=requires_grad, device=device)
-
-
 def tensor(data, requires_grad: bool = False, device: str = "cpu", dtype=None) -> Tensor:
     """A new tensor holding a copy of ``data`` on ``device``.
 
@@ -455,38 +423,42 @@ def tensor(data, requires_grad: bool = False, device: str = "cpu", dtype=None) -
 # --- Function -------------------------------------------------------------------------------------
 
 class Function:
-    """One differentiable op. Subclasses define ``forward(*arrays)`` and ``backward(gy)``.
+    """One differentiable op. A subclass declares its parameters in ``__init__`` and defines
+    ``forward(*arrays)`` and ``backward(gy)``; ``Op(params...).apply(*inputs)`` runs it.
 
-    ``apply(*inputs, **params)`` builds the node: ``params`` go to ``__init__`` (stored as
-    attributes), inputs may be ``Tensor`` or ``None`` (an absent optional input such as a bias).
+    Inputs may be ``Tensor`` or ``None`` (an absent optional input such as a bias). ``forward``
+    returns one array, or a tuple whose first array is the differentiable output and whose
+    others come back as plain tensors without a graph (max pooling's indices); ``apply``
+    returns the same arity. A ``Function`` object is one node of one graph: apply it once.
     """
 
     inputs: tuple
     needs_input_grad: tuple[bool, ...]
     device: str
 
-    def __init__(self, **params):
-        self.__dict__.update(params)
-
-    @classmethod
-    def apply(cls, *inputs, **params) -> Tensor:
-        fn = cls(**params)
+    def apply(self, *inputs):
         present = [t for t in inputs if t is not None]
-        fn.device = present[0].device
+        self.device = present[0].device
         for t in present[1:]:
-            if t.device != fn.device:
-                raise ValueError(f"{cls.__name__}: inputs are on different devices "
-                                 f"({fn.device!r} and {t.device!r}); move them with .to()")
+            if t.device != self.device:
+                raise ValueError(f"{type(self).__name__}: inputs are on different devices "
+                                 f"({self.device!r} and {t.device!r}); move them with .to()")
         record = is_grad_enabled()
-        fn.needs_input_grad = tuple(record and t is not None and t.requires_grad for t in inputs)
-        out = fn.forward(*[None if t is None else t.data for t in inputs])
+        self.needs_input_grad = tuple(record and t is not None and t.requires_grad
+                                      for t in inputs)
+        out = self.forward(*[None if t is None else t.data for t in inputs])
+        extra = ()
+        if isinstance(out, tuple):
+            out, extra = out[0], out[1:]
         result = Tensor.__new__(Tensor)
         result.data, result.grad, result._ctx = out, None, None
-        result.device = getattr(fn, "out_device", fn.device)
-        result.requires_grad = any(fn.needs_input_grad)
+        result.device = getattr(self, "out_device", self.device)
+        result.requires_grad = any(self.needs_input_grad)
         if result.requires_grad:
-            fn.inputs = inputs
-            result._ctx = fn
+            self.inputs = inputs
+            result._ctx = self
+        if extra:
+            return (result,) + tuple(Tensor(a, device=result.device) for a in extra)
         return result
 
     def forward(self, *arrays):
@@ -583,6 +555,9 @@ class Neg(Function):
 
 
 class Pow(Function):
+    def __init__(self, exponent: float):
+        self.exponent = exponent
+
     def forward(self, a):
         self.a = a
         return a ** self.exponent
@@ -635,6 +610,9 @@ class MatMul(Function):
 
 
 class Sum(Function):
+    def __init__(self, axis: tuple[int, ...], keepdims: bool):
+        self.axis, self.keepdims = axis, keepdims
+
     def forward(self, a):
         self.shape = a.shape
         return a.sum(axis=self.axis, keepdims=self.keepdims)
@@ -647,6 +625,9 @@ class Sum(Function):
 
 
 class Reshape(Function):
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+
     def forward(self, a):
         self.in_shape = a.shape
         try:
@@ -660,6 +641,9 @@ class Reshape(Function):
 
 
 class Transpose(Function):
+    def __init__(self, axes: tuple[int, ...]):
+        self.axes = axes
+
     def forward(self, a):
         return a.transpose(self.axes)
 
@@ -668,6 +652,9 @@ class Transpose(Function):
 
 
 class GetItem(Function):
+    def __init__(self, index):
+        self.index = index
+
     def forward(self, a):
         self.in_shape, self.in_dtype = a.shape, a.dtype
         return a[self.index]

@@ -148,3 +148,36 @@ def test_cpu_path_choice():
         assert dispatch.kernels("cpu").path == "reference"
     with pytest.raises(ValueError, match="cpu path"):
         cnnfast.set_cpu_path("gpu")
+
+
+# --- declared op parameters (issue #19, item 6) ---------------------------------------------------
+
+def test_functions_declare_their_parameters():
+    """Each op names its parameters in __init__: a misspelt one is a TypeError, not an
+    attribute nobody reads."""
+    import inspect
+
+    from cnnfast.functional.conv import Conv
+    from cnnfast.functional.pool import MaxPool
+
+    assert list(inspect.signature(Conv).parameters) == ["stride", "padding", "dilation",
+                                                        "groups", "relu"]
+    with pytest.raises(TypeError):
+        Conv((1, 1), (0, 0), (1, 1), 1, strides=2)
+    with pytest.raises(TypeError):
+        MaxPool((2, 2), (2, 2), (0, 0), (1, 1), False, indices=[])
+
+
+def test_max_pool_indices_are_a_second_output_without_a_graph():
+    from cnnfast.functional.pool import MaxPool
+
+    x = cnnfast.tensor(np.arange(16.0).reshape(1, 1, 4, 4), requires_grad=True)
+    y, idx = MaxPool((2, 2), (2, 2), (0, 0), (1, 1), False).apply(x)
+    assert y.requires_grad and not idx.requires_grad and idx.dtype == np.int64
+    assert idx.tolist() == [[[[5, 7], [13, 15]]]]
+    y2, idx2 = F.max_pool2d(x, 2, return_indices=True)
+    assert_close(y2, y.numpy())
+    assert idx2.tolist() == idx.tolist()
+    y2.sum().backward()
+    assert x.grad.numpy().reshape(-1)[[5, 7, 13, 15]].tolist() == [1.0] * 4
+    assert x.grad.numpy().sum() == 4.0

@@ -200,3 +200,28 @@ def test_training_step_on_cuda_matches_reference(rng):
     assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6, name="loss")
     for k in results[0][1]:
         assert_close(results[1][1][k], results[0][1][k], rtol=1e-4, atol=1e-5, name=k)
+
+
+def test_sequential_fusion_is_explicit_and_keeps_instance_forward_overrides():
+    """A profiler's forward installed on the instance runs inside Sequential (it used to be
+    skipped: the conv was fused with the ReLU after it); ``fuse_relu=False`` turns fusion off."""
+    conv = nn.Conv2d(1, 2, 3, rng=np.random.default_rng(0))
+    seq = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.ReLU())
+    assert seq.fused_pairs() == [0, 3]
+    assert nn.Sequential(*seq, fuse_relu=False).fused_pairs() == []
+    x = cnnfast.tensor(np.random.default_rng(1).standard_normal((2, 1, 5, 5)).astype(np.float32))
+    expected = seq(x).numpy()
+    calls = []
+
+    def counted(inp, _m=conv):
+        calls.append(inp.shape)
+        return type(_m).forward(_m, inp)
+
+    object.__setattr__(conv, "forward", counted)
+    assert seq.fused_pairs() == [3]
+    np.testing.assert_array_equal(seq(x).numpy(), expected)
+    assert calls == [(2, 1, 5, 5)]
+    object.__delattr__(conv, "forward")
+    relu = seq[4]
+    object.__setattr__(relu, "forward", lambda inp: inp)  # an overridden ReLU is no ReLU to fuse
+    assert seq.fused_pairs() == [0]

@@ -11,6 +11,7 @@ from cnnfast import functional as F
 from cnnfast import rng as _rng
 from cnnfast.nn import init
 from cnnfast.nn.module import Module, Parameter
+from cnnfast.shapes import ntuple
 from cnnfast.tensor import Tensor
 
 IntOrTuple = int | Sequence[int]
@@ -21,13 +22,27 @@ class Identity(Module):
         return x
 
 
-class Sequential(Module):
-    """Runs its modules in order."""
+def _runs_own_forward(module: Module, cls: type) -> bool:
+    """True when ``module.forward`` is ``cls.forward`` itself: neither a subclass nor the
+    instance (a profiler's wrapper, say) has put another in its place."""
+    return type(module).forward is cls.forward and "forward" not in module.__dict__
 
-    def __init__(self, *modules: Module):
+
+class Sequential(Module):
+    """Runs its modules in order.
+
+    With ``fuse_relu`` (the default) a convolution or batch norm followed by ``ReLU`` runs as
+    one fused op (:func:`cnnfast.functional.conv2d_relu`, ...): the same values, and on ``cuda``
+    one kernel launch fewer. Only layers whose forward is their class's own are fused (see
+    :meth:`fused_pairs`); a layer or ReLU with another forward, on its subclass or on the
+    instance, runs as written.
+    """
+
+    def __init__(self, *modules: Module, fuse_relu: bool = True):
         super().__init__()
         for i, m in enumerate(modules):
             setattr(self, str(i), m)
+        self.fuse_relu = bool(fuse_relu)
 
     def __iter__(self):
         return iter(self._modules.values())
@@ -38,19 +53,25 @@ class Sequential(Module):
     def __getitem__(self, i: int) -> Module:
         return list(self._modules.values())[i]
 
-    def forward(self, x):
-        # A layer with ``forward_relu`` (convolution, batch norm) followed by ReLU runs as one
-        # fused op: the same result, and on the cuda device fewer kernel launches.
+    def fused_pairs(self) -> list[int]:
+        """Positions ``i`` whose module runs fused with the ``ReLU`` at ``i + 1``."""
+        if not self.fuse_relu:
+            return []
         modules = list(self._modules.values())
+        return [i for i in range(len(modules) - 1)
+                if type(modules[i + 1]) is ReLU and _runs_own_forward(modules[i + 1], ReLU)
+                and getattr(modules[i], "fuses_relu", lambda: False)()]
+
+    def forward(self, x):
+        modules = list(self._modules.values())
+        fused = set(self.fused_pairs())
         i = 0
         while i < len(modules):
-            m = modules[i]
-            if (i + 1 < len(modules) and type(modules[i + 1]) is ReLU
-                    and hasattr(m, "forward_relu")):
-                x = m.forward_relu(x)
+            if i in fused:
+                x = modules[i].forward_relu(x)
                 i += 2
             else:
-                x = m(x)
+                x = modules[i](x)
                 i += 1
         return x
 
@@ -70,11 +91,11 @@ class _ConvNd(Module):
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"{name}: groups={groups} must divide in_channels={in_channels} and "
                              f"out_channels={out_channels}")
-        kernel = F._ntuple(kernel_size, self.nd, name, "kernel_size", 1)
+        kernel = ntuple(kernel_size, self.nd, name, "kernel_size", 1)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel
-        self.stride = F._ntuple(stride, self.nd, name, "stride", 1)
-        self.padding = F._ntuple(padding, self.nd, name, "padding", 0)
-        self.dilation = F._ntuple(dilation, self.nd, name, "dilation", 1)
+        self.stride = ntuple(stride, self.nd, name, "stride", 1)
+        self.padding = ntuple(padding, self.nd, name, "padding", 0)
+        self.dilation = ntuple(dilation, self.nd, name, "dilation", 1)
         self.groups = groups
         generator = _rng.resolve(rng)
         self.weight = Parameter(np.empty((out_channels, in_channels // groups) + kernel, dtype))
@@ -93,6 +114,18 @@ class _ConvNd(Module):
                 + (f", groups={self.groups}" if self.groups > 1 else "")
                 + (", bias=False" if self.bias is None else ""))
 
+    def fuses_relu(self) -> bool:
+        """Whether :meth:`forward_relu` runs one fused op (this class's own forward)."""
+        return _runs_own_forward(self, (Conv2d, Conv3d)[self.nd - 2])
+
+    def forward_relu(self, x):
+        """``relu(self(x))``, as one fused op when :meth:`fuses_relu`."""
+        if not self.fuses_relu():
+            return F.relu(self(x))
+        fused = F.conv2d_relu if self.nd == 2 else F.conv3d_relu
+        return fused(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                     self.groups)
+
 
 class Conv2d(_ConvNd):
     """2D convolution; weight (K, C/groups, KH, KW) with PyTorch's default init."""
@@ -103,13 +136,6 @@ class Conv2d(_ConvNd):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
-    def forward_relu(self, x):
-        """``relu(self(x))``, as one op unless a subclass has its own forward."""
-        if type(self).forward is not Conv2d.forward:
-            return F.relu(self(x))
-        return F._conv(2, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                       self.groups, relu=True)
-
 
 class Conv3d(_ConvNd):
     """3D convolution; weight (K, C/groups, KD, KH, KW)."""
@@ -119,13 +145,6 @@ class Conv3d(_ConvNd):
     def forward(self, x):
         return F.conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
-
-    def forward_relu(self, x):
-        """``relu(self(x))``, as one op unless a subclass has its own forward."""
-        if type(self).forward is not Conv3d.forward:
-            return F.relu(self(x))
-        return F._conv(3, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                       self.groups, relu=True)
 
 
 class _MaxPool(Module):
@@ -295,21 +314,25 @@ class _BatchNorm(Module):
             self.register_buffer("running_var", None)
 
     def forward(self, x):
-        return self._forward(x, relu=False)
+        return self._forward(x, F.batch_norm)
+
+    def fuses_relu(self) -> bool:
+        """Whether :meth:`forward_relu` runs one fused op (batch norm's own forward)."""
+        return _runs_own_forward(self, _BatchNorm)
 
     def forward_relu(self, x):
-        """``relu(self(x))``, as one op unless a subclass has its own forward."""
-        if type(self).forward is not _BatchNorm.forward:
+        """``relu(self(x))``, as one fused op when :meth:`fuses_relu`."""
+        if not self.fuses_relu():
             return F.relu(self(x))
-        return self._forward(x, relu=True)
+        return self._forward(x, F.batch_norm_relu)
 
-    def _forward(self, x, relu: bool):
+    def _forward(self, x, op):
         if isinstance(x, Tensor) and x.ndim != self.nd + 2:
             raise ValueError(f"{type(self).__name__}: input must be {self.nd + 2}-D, "
                              f"got shape {x.shape}")
         training = self.training or self.running_mean is None
-        return F._batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                             training=training, momentum=self.momentum, eps=self.eps, relu=relu)
+        return op(x, self.running_mean, self.running_var, self.weight, self.bias,
+                  training=training, momentum=self.momentum, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

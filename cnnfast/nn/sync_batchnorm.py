@@ -40,7 +40,12 @@ class SyncBatchNormFunction(Function):
     Forward: one ``sum_over_ranks`` of ``[count, sum x (C), sum x^2 (C)]``; backward: one of
     ``[sum gy (C), sum gy * xhat (C)]``. gamma's and beta's gradients are returned per rank (the
     data-parallel gradient reduction sums them like every other parameter gradient).
+    ``running_mean``/``running_var`` (arrays, or None) are updated in place.
     """
+
+    def __init__(self, group, running_mean, running_var, momentum: float, eps: float):
+        self.group, self.running_mean, self.running_var = group, running_mean, running_var
+        self.momentum, self.eps = momentum, eps
 
     def forward(self, x, gamma, beta):
         xp = backend.array_xp(x)
@@ -118,9 +123,8 @@ class _SyncMixin:
                                                                device=x.device)
         rm = None if self.running_mean is None else self.running_mean.data
         rv = None if self.running_var is None else self.running_var.data
-        return SyncBatchNormFunction.apply(x, gamma, beta, group=group, running_mean=rm,
-                                           running_var=rv, momentum=float(self.momentum),
-                                           eps=float(self.eps))
+        return SyncBatchNormFunction(group, rm, rv, float(self.momentum),
+                                     float(self.eps)).apply(x, gamma, beta)
 
 
 class SyncBatchNorm2d(_SyncMixin, BatchNorm2d):
