@@ -335,16 +335,27 @@ class Tensor:
         return self.reshape(self.shape[:start] + (merged,) + self.shape[end + 1:])
 
     def transpose(self, *axes):
+        """``transpose(a, b)`` swaps two axes (PyTorch); ``transpose()`` reverses them all;
+        ``transpose(p0, p1, p2, ...)`` or ``transpose((p0, ...))`` permutes (NumPy)."""
         if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
             axes = tuple(axes[0])
-        if not axes:
-            axes = tuple(reversed(range(self.ndim)))
-        elif len(axes) == 2 and self.ndim != 2:
-            a, b = (ax % self.ndim for ax in axes)
+        if len(axes) == 2:
+            a, b = (_wrap_axis(ax, self.ndim, "transpose") for ax in axes)
             order = list(range(self.ndim))
-            order[a], order[b] = order[b], order[a]
-            axes = tuple(order)
-        return Transpose(tuple(int(a) % self.ndim for a in axes)).apply(self)
+            if self.ndim:
+                order[a], order[b] = order[b], order[a]
+            return Transpose(tuple(order)).apply(self)
+        return self.permute(*axes) if axes else self.permute(*reversed(range(self.ndim)))
+
+    def permute(self, *dims):
+        """The axes in the order ``dims`` (a permutation of ``range(ndim)``; negatives wrap)."""
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        order = tuple(_wrap_axis(d, self.ndim, "permute") for d in dims)
+        if sorted(order) != list(range(self.ndim)):
+            raise ValueError(f"permute: dims {tuple(dims)} are not a permutation of the "
+                             f"{self.ndim} axes of a tensor of shape {self.shape}")
+        return Transpose(order).apply(self)
 
     @property
     def T(self):
@@ -367,6 +378,16 @@ def _normalize_axis(axis, ndim: int) -> tuple[int, ...]:
             raise ValueError(f"axis {a} is out of range for a tensor of rank {ndim}")
         out.append(a % ndim)
     return tuple(sorted(set(out)))
+
+
+def _wrap_axis(axis, ndim: int, op: str) -> int:
+    """``axis`` in ``[-ndim, ndim)`` as a non-negative int; a 0-d tensor takes -1 and 0 (axis 0
+    of a scalar is itself, as in PyTorch)."""
+    rank = max(ndim, 1)
+    if (not isinstance(axis, (int, np.integer)) or isinstance(axis, bool)
+            or not -rank <= axis < rank):
+        raise ValueError(f"{op}: axis {axis!r} is out of range for a tensor of rank {ndim}")
+    return int(axis) % rank if ndim else 0
 
 
 def _topological_order(root: Tensor) -> list[Tensor]:

@@ -181,3 +181,36 @@ def test_max_pool_indices_are_a_second_output_without_a_graph():
     y2.sum().backward()
     assert x.grad.numpy().reshape(-1)[[5, 7, 13, 15]].tolist() == [1.0] * 4
     assert x.grad.numpy().sum() == 4.0
+
+
+# --- regressions found by PyTorch's OpInfo samples (issue #21) ---------------------------------
+
+def test_transpose_of_two_axes_swaps_them_whatever_their_order():
+    """Bug 1: ``transpose(0, 1)`` of a 2-D tensor returned it unchanged (forward and grad)."""
+    a = np.arange(6.0).reshape(2, 3)
+    for axes in ((0, 1), (1, 0), (-1, 0), (0, -1)):
+        x = cnnfast.tensor(a, requires_grad=True)
+        y = x.transpose(*axes)
+        np.testing.assert_array_equal(y.numpy(), a.T)
+        gy = np.arange(6.0).reshape(3, 2) + 1
+        y.backward(cnnfast.tensor(gy))
+        np.testing.assert_array_equal(x.grad.numpy(), gy.T)
+    b = np.arange(24.0).reshape(2, 3, 4)
+    x = cnnfast.tensor(b)
+    np.testing.assert_array_equal(x.transpose(0, 2).numpy(), b.swapaxes(0, 2))
+    np.testing.assert_array_equal(x.transpose(2, 0, 1).numpy(), b.transpose(2, 0, 1))
+    np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), b.transpose(1, 2, 0))
+    with pytest.raises(ValueError, match="permute"):
+        x.permute(0, 0, 1)
+    with pytest.raises(ValueError, match="transpose: axis 3"):
+        x.transpose(0, 3)
+
+
+def test_transpose_of_a_scalar_is_the_scalar():
+    """Bug 2: ``transpose(0, 0)`` of a 0-d tensor raised ZeroDivisionError."""
+    x = cnnfast.tensor(np.array(2.5), requires_grad=True)
+    y = x.transpose(0, 0)
+    assert y.shape == () and y.item() == 2.5
+    y.backward()
+    assert x.grad.item() == 1.0
+    assert x.transpose(-1, 0).shape == ()

@@ -262,3 +262,26 @@ def test_bad_input_is_refused_with_a_clear_message(call, error, words):
         call()
     for word in words:
         assert word in str(info.value), f"{word!r} not in {info.value!s}"
+
+
+# --- regressions found by PyTorch's OpInfo samples (issue #21) ---------------------------------
+
+def test_relu_of_a_scalar_keeps_its_shape(path):
+    """Bug 3: the fast CPU path returned shape (1,) for a 0-d input (and its gradient too)."""
+    for value, slope in ((-1.5, 0.0), (2.0, 1.0)):
+        x = cnnfast.tensor(np.array(value), requires_grad=True, device=path)
+        y = F.relu(x)
+        assert y.shape == ()
+        y.backward()
+        assert x.grad.shape == () and x.grad.item() == slope
+
+
+@pytest.mark.parametrize("op", [F.softmax, F.log_softmax])
+@pytest.mark.parametrize("shape,dim", [((5, 0, 0), -1), ((5, 3, 0), -1), ((0, 4), 1)])
+def test_softmax_over_an_empty_tensor_is_empty(op, shape, dim):
+    """Bug 4: NumPy's 'zero-size array to reduction operation maximum' escaped."""
+    x = cnnfast.tensor(np.zeros(shape), requires_grad=True)
+    y = op(x, dim)
+    assert y.shape == shape
+    y.backward(cnnfast.tensor(np.zeros(shape)))
+    assert x.grad.shape == shape

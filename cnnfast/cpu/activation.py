@@ -14,7 +14,7 @@ BLOCK = 1 << 14
 
 def relu_forward(x):
     """y = max(x, 0) elementwise (NaN stays NaN); any shape, x's dtype, a new array."""
-    xc = np.ascontiguousarray(x)
+    xc = np.asarray(x, order="C")  # not ascontiguousarray: it turns a 0-d array into (1,)
     y = np.empty_like(xc)
     _relu(xc.reshape(-1), y.reshape(-1))
     return y
@@ -22,9 +22,9 @@ def relu_forward(x):
 
 def relu_backward(gy, y):
     """gx = gy where y > 0 else 0; gy and y share one shape; gy's dtype, a new array."""
-    gyc = np.ascontiguousarray(gy)
+    gyc = np.asarray(gy, order="C")
     gx = np.empty_like(gyc)
-    _relu_grad(gyc.reshape(-1), np.ascontiguousarray(y).reshape(-1), gx.reshape(-1))
+    _relu_grad(gyc.reshape(-1), np.asarray(y, order="C").reshape(-1), gx.reshape(-1))
     return gx
 
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from cnnfast import dispatch, rng
 from cnnfast.functional.checks import float_tensor
-from cnnfast.tensor import Function, Tensor
+from cnnfast.tensor import FLOAT_DTYPES, Function, Tensor
 
 
 class ReLU(Function):
@@ -28,16 +28,36 @@ def sigmoid(x) -> Tensor:
     return float_tensor(x, "sigmoid", "input").sigmoid()
 
 
-def log_softmax(x, dim: int = -1) -> Tensor:
-    """Numerically stable log-softmax along ``dim``."""
-    x = float_tensor(x, "log_softmax", "input")
-    shift = x.xp.max(x.data, axis=dim, keepdims=True)  # a constant: the result is independent
+def _softmax_input(x, dim, dtype, op: str) -> tuple[Tensor, int]:
+    """The checked input (converted to ``dtype`` when given) and ``dim`` as an axis >= 0."""
+    x = float_tensor(x, op, "input")
+    if dtype is not None:
+        if np.dtype(dtype) not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: dtype must be float32 or float64, got {dtype!r}")
+        x = x.to(dtype=dtype)
+    rank = max(x.ndim, 1)
+    if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or not -rank <= dim < rank:
+        raise ValueError(f"{op}: dim must be an int in [{-rank}, {rank - 1}] for input of shape "
+                         f"{x.shape}, got {dim!r}")
+    return x, int(dim) % rank
+
+
+def log_softmax(x, dim: int = -1, dtype=None) -> Tensor:
+    """Numerically stable log-softmax along ``dim``; ``dtype`` (float32/float64) converts the
+    input first, as PyTorch's argument does."""
+    x, axis = _softmax_input(x, dim, dtype, "log_softmax")
+    if x.ndim == 0:  # a scalar is a softmax over one value
+        return log_softmax(x.reshape(1)).reshape(())
+    if x.size == 0:  # nothing to normalise (and no max of an empty axis)
+        return x * 0.0
+    shift = x.xp.max(x.data, axis=axis, keepdims=True)  # a constant: the result is independent
     z = x - Tensor(shift, device=x.device)
-    return z - z.exp().sum(axis=dim, keepdims=True).log()
+    return z - z.exp().sum(axis=axis, keepdims=True).log()
 
 
-def softmax(x, dim: int = -1) -> Tensor:
-    return log_softmax(x, dim).exp()
+def softmax(x, dim: int = -1, dtype=None) -> Tensor:
+    """exp(log_softmax(x, dim, dtype))."""
+    return log_softmax(x, dim, dtype).exp()
 
 
 class Dropout(Function):
