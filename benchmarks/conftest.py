@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import os
 
-if os.environ.get("CNNFAST_BENCH_CUDA_SIM", "0") not in ("", "0"):
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"   # before anything imports Numba
+from cnnfast import config
 
-import pytest
+if config.get("bench_cuda_sim"):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"   # before anything imports Numba (cnnfast does not)
 
-from cnnfast import bench
+import pytest  # noqa: E402
+
+from cnnfast import bench  # noqa: E402
 
 DEFAULT_SETS = ("r18-28", "r18-64", "r18-3d")
 
@@ -89,7 +91,7 @@ def candidate(path):
     """The path's candidate, skipped when this machine cannot run it."""
     if path not in _candidates:
         _candidates[path] = bench.make_candidates(bench.Options(
-            paths=(path,), cuda_sim=os.environ.get("NUMBA_ENABLE_CUDASIM", "0") != "0"))[0]
+            paths=(path,), cuda_sim=config.cuda_simulated()))[0]
     cand = _candidates[path]
     reason = cand.unavailable()
     if reason:

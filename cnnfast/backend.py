@@ -11,16 +11,16 @@ on machines without CuPy or a GPU. Numba's CUDA simulator (``NUMBA_ENABLE_CUDASI
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from cnnfast import config
 
 _gpu_present: bool | None = None
 
 
 def cuda_simulated() -> bool:
     """True when Numba's CUDA simulator stands in for a GPU (NUMBA_ENABLE_CUDASIM=1)."""
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+    return config.cuda_simulated()
 
 
 def gpu_present() -> bool:

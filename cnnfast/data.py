@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from cnnfast import datacheck
+from cnnfast import config, datacheck
 from cnnfast._io import atomic_write
 from cnnfast._npz import NpzError, read_npz
 from cnnfast.dataset import (  # noqa: F401 - re-exported: data.py was their home before
@@ -345,7 +345,7 @@ def save_npz(path: str | os.PathLike, dataset: MedicalDataset) -> Path:
 
 def default_root() -> Path:
     """Where downloads go: ``$CNNFAST_DATA_DIR`` or ``~/.medmnist`` (shared with ``medmnist``)."""
-    return Path(os.environ.get("CNNFAST_DATA_DIR", Path.home() / ".medmnist"))
+    return config.data_dir()
 
 
 def parse_name(name: str, size: int | None = None) -> tuple[MedMNISTInfo, int]:
@@ -390,7 +390,7 @@ def download(name: str, size: int | None = None, root: str | os.PathLike | None 
     target = root / info.filename(size)
     if target.is_file():
         return target
-    base_url = base_url or os.environ.get("CNNFAST_MEDMNIST_URL")
+    base_url = base_url or config.get("medmnist_url")
     url = info.url(size, base_url)
     expected = md5 or info.md5[size]
     created = [p for p in (root, *root.parents) if not p.exists()]

@@ -72,11 +72,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 from types import SimpleNamespace
 
 # The array-backend helpers live in the leaf cnnfast.backend; dispatch re-exports them so that
 # ``dispatch.to_device`` and friends keep working where callers already use them.
+from cnnfast import config
 from cnnfast.backend import (  # noqa: F401 - re-exports
     array_xp,
     cuda_available,
@@ -104,34 +104,33 @@ FUSED_OPS = {
     "norm": ("batch_norm_relu_forward_train", "batch_norm_relu_forward_eval",
              "batch_norm_relu_backward"),
 }
-CPU_PATHS = ("fast", "reference")
+CPU_PATHS = config.CPU_PATHS
 DEVICES = ("cpu", "cuda")
 
-_cpu_path = os.environ.get("CNNFAST_CPU_PATH", "fast")
 _cache: dict[str, SimpleNamespace] = {}
 
 
 def set_cpu_path(path: str) -> None:
     """Choose the CPU kernel path: ``"fast"`` (Numba/BLAS, default) or ``"reference"`` (NumPy)."""
-    global _cpu_path
-    if path not in CPU_PATHS:
-        raise ValueError(f"cpu path must be one of {CPU_PATHS}, got {path!r}")
-    _cpu_path = path
+    config.set_option("cpu_path", _checked_cpu_path(path))
 
 
 def get_cpu_path() -> str:
-    return _cpu_path
+    """The CPU path in force: set_cpu_path or cpu_path, else ``$CNNFAST_CPU_PATH``, else fast."""
+    return config.get("cpu_path")
+
+
+def _checked_cpu_path(path: str) -> str:
+    if path not in CPU_PATHS:
+        raise ValueError(f"cpu path must be one of {CPU_PATHS}, got {path!r}")
+    return path
 
 
 @contextlib.contextmanager
 def cpu_path(path: str):
     """Run the block on the given CPU path, then restore the previous one."""
-    previous = _cpu_path
-    set_cpu_path(path)
-    try:
+    with config.using_config(cpu_path=_checked_cpu_path(path)):
         yield
-    finally:
-        set_cpu_path(previous)
 
 
 def _load(package: str) -> SimpleNamespace:
@@ -185,7 +184,7 @@ def path_name(device: str) -> str:
     """The kernel package that runs ``device`` now: 'reference', 'cpu' or 'cuda'."""
     if device == "cuda":
         return "cuda"
-    return "cpu" if _cpu_path == "fast" else "reference"
+    return "cpu" if get_cpu_path() == "fast" else "reference"
 
 
 def kernels(device: str) -> SimpleNamespace:

@@ -62,10 +62,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from cnnfast import backend as _backend
-from cnnfast import dispatch, nn
+from cnnfast import config, dispatch, nn
 
-ENV_TIMEOUT = "CNNFAST_DIST_TIMEOUT"
-DEFAULT_TIMEOUT_S = 300.0
+ENV_TIMEOUT = config.OPTIONS["dist_timeout"].variable
 DEFAULT_BUCKET_BYTES = 4 << 20
 
 # Launcher variables that carry the world size: MPICH/Hydra and Intel MPI (PMI), Open MPI,
@@ -131,16 +130,8 @@ def threads_per_rank(cpus: int, ranks_on_node: int) -> int:
 
 
 def timeout_from_env() -> float:
-    text = os.environ.get(ENV_TIMEOUT, "")
-    if not text:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{ENV_TIMEOUT} must be a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise ValueError(f"{ENV_TIMEOUT} must be positive, got {text!r}")
-    return value
+    """Seconds a rank waits for the others: ``$CNNFAST_DIST_TIMEOUT``, else 300."""
+    return config.get("dist_timeout")
 
 
 # --- the MPI communicator ----------------------------------------------------------------------

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from cnnfast import config
+
 ARCHES = ("sm_80", "sm_90")
 
 # Per-SM limits of the theoretical-occupancy calculation (CUDA occupancy calculator's data):
@@ -69,7 +71,7 @@ def _driver_cuda_version() -> tuple[str | None, str | None]:
 
 def _gpus() -> tuple[list[str], str | None]:
     """Names of the GPUs CuPy sees, and why none when it sees none."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+    if config.cuda_simulated():
         return [], "NUMBA_ENABLE_CUDASIM is set: the cuda device is Numba's simulator"
     try:
         import cupy
@@ -388,7 +390,7 @@ def format_table(rows: list[CompileRow]) -> str:
 
 def run_compile(json_path: str | None = None, arches=ARCHES, jobs: int | None = None) -> int:
     """Compile, print the table, optionally write JSON; 1 on a compile error or a spill."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+    if config.cuda_simulated():
         # The simulator replaces numba.cuda's compiler: compile in a fresh process without it.
         env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
         command = [sys.executable, "-m", "cnnfast", "doctor", "--compile",

@@ -135,10 +135,14 @@ def test_no_import_cycle():
     assert not cycles, f"import cycles among cnnfast modules: {cycles}"
 
 
-@pytest.mark.parametrize("leaf", ["cnnfast.dataset", "cnnfast.backend", "cnnfast._io",
-                                  "cnnfast.shapes"])
+@pytest.mark.parametrize("leaf", ["cnnfast.dataset", "cnnfast._io", "cnnfast.shapes",
+                                  "cnnfast.config"])
 def test_leaf_modules_import_no_cnnfast_module(leaf):
     assert import_graph()[leaf] == set()
+
+
+def test_backend_imports_only_the_configuration():
+    assert import_graph()["cnnfast.backend"] == {"cnnfast.config"}
 
 
 def test_no_module_over_700_lines():

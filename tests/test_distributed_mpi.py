@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("mpi4py")
 
-from cnnfast import synthetic  # noqa: E402 - after the skip
+from cnnfast import config, synthetic  # noqa: E402 - after the skip
 from cnnfast.checkpoint import load_checkpoint  # noqa: E402
 from cnnfast.data import save_npz  # noqa: E402
 
@@ -313,7 +313,7 @@ CUDA_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM", "0") in ("", "0"),
+@pytest.mark.skipif(not config.cuda_simulated(),
                     reason="a real GPU: two ranks would need two GPUs")
 def test_device_cuda_in_the_simulator_trains_like_one_process(tmp_path):
     """The data-parallel path on device cuda (SyncBatchNorm on device arrays, gradients staged

@@ -20,7 +20,6 @@ import hashlib
 import http.client
 import io
 import json
-import os
 import signal
 import socket
 import struct
@@ -38,12 +37,13 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from cnnfast import config  # noqa: E402
 from cnnfast import data as data_mod  # noqa: E402
 from cnnfast.checkpoint import CheckpointError, decode, encode  # noqa: E402
 from cnnfast.data import DataError, DownloadError, load_npz  # noqa: E402
 from cnnfast.state import TrainingStateError, decode_state  # noqa: E402
 
-EXAMPLES = int(os.environ.get("CNNFAST_FUZZ_EXAMPLES", "100"))
+EXAMPLES = config.get("fuzz_examples")
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 MEMORY_LIMIT = 64 << 20   # bytes allocated at the peak of one example (inputs are < 1 MB)

@@ -14,7 +14,6 @@ test_reference_*.py.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -24,11 +23,11 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import cnnfast  # noqa: E402
-from cnnfast import dispatch  # noqa: E402
+from cnnfast import config, dispatch  # noqa: E402
 from cnnfast import functional as F  # noqa: E402
 from cnnfast.testing import assert_close  # noqa: E402
 
-CPU_EXAMPLES = int(os.environ.get("CNNFAST_PROPERTY_EXAMPLES", "80"))
+CPU_EXAMPLES = config.get("property_examples")
 SIM = dispatch.cuda_simulated()
 CUDA_EXAMPLES = max(3, CPU_EXAMPLES // 8) if SIM else CPU_EXAMPLES
 PATHS = ["cpu", "cuda"]

@@ -21,10 +21,10 @@ modules are imported inside ``run`` so that ``cnnfast --help`` stays fast.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
+from cnnfast import config
 from cnnfast.cli import bench, doctor, evaluate, predict, train
 from cnnfast.cli._common import EXIT_USAGE, user_errors
 
@@ -57,7 +57,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cnnfast`` command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
-    debug = os.environ.get("CNNFAST_DEBUG", "") not in ("", "0")
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -69,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cnnfast: interrupted", file=sys.stderr)
         return 130
     except user_errors() as exc:
-        if debug:
+        if config.debug():
             raise
         message = str(exc)
         if isinstance(exc, OSError) and exc.filename and exc.strerror:
@@ -77,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cnnfast {command}: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except FloatingPointError as exc:
-        if debug:
+        if config.debug():
             raise
         print(f"cnnfast {command}: error: {exc}", file=sys.stderr)
         return 1

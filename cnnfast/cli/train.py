@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from cnnfast import config as settings  # "config" names a TrainConfig here
 from cnnfast.cli._common import (
     EXIT_USAGE,
     CLIError,
@@ -209,7 +210,7 @@ def run_train(args: argparse.Namespace) -> int:
         try:
             return _train(args, parallel)
         except BaseException as exc:  # noqa: BLE001 - any failure must end every rank
-            if os.environ.get("CNNFAST_DEBUG", "") not in ("", "0"):
+            if settings.debug():
                 import traceback
 
                 traceback.print_exc()

@@ -16,8 +16,9 @@ the process instead of going back to the OS. ``CNNFAST_MALLOC_TUNE=0`` turns it 
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
+
+from cnnfast import config
 
 M_TRIM_THRESHOLD = -1      # <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -31,7 +32,7 @@ def tune_malloc() -> dict:
     """Apply the thresholds once; returns ``{"applied": bool, "reason": str, ...}``."""
     if _state["reason"] != "not tried":
         return dict(_state)
-    if os.environ.get("CNNFAST_MALLOC_TUNE", "1").strip() in ("0", "false", "no", "off"):
+    if not config.get("malloc_tune"):
         _state.update(reason="turned off by CNNFAST_MALLOC_TUNE")
     elif platform.libc_ver()[0] != "glibc":
         _state.update(reason="not glibc")
