@@ -22,6 +22,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from cnnfast.cpu._microkernel import enter_flush, leave_flush, matmul
 from cnnfast.cpu._parallel import parallel_kernel
 
 
@@ -149,9 +150,10 @@ def _output_tiles(m, k, t0, TH, TW, yp):
 
 
 @parallel_kernel
-def forward(x, u, y, units, ph, pw, v_buf, m_buf, pad_buf, out_buf):
+def forward(x, u, y, units, ph, pw, v_buf, m_buf, pad_buf, out_buf, own, flush):
     """y (N, K, OH, OW) for x (N, C, H, W) and the transformed filters u (16, K, C): one task
-    per chunk of samples (units[i] = (n0, nb)), each with its own rows of the buffers."""
+    per chunk of samples (units[i] = (n0, nb)), each with its own rows of the buffers. ``own``:
+    the products run cnnfast's microkernel (else BLAS); ``flush``: flush-to-zero."""
     N, C, H, W = x.shape
     K = u.shape[1]
     OH, OW = y.shape[2], y.shape[3]
@@ -159,6 +161,7 @@ def forward(x, u, y, units, ph, pw, v_buf, m_buf, pad_buf, out_buf):
     Hp, Wp = 2 * TH + 2, 2 * TW + 2
     per_sample = TH * TW
     for job in prange(units.shape[0]):
+        state = enter_flush(flush)
         t_id = numba.get_thread_id()
         n0, nb = units[job, 0], units[job, 1]
         T = nb * per_sample
@@ -172,7 +175,7 @@ def forward(x, u, y, units, ph, pw, v_buf, m_buf, pad_buf, out_buf):
                 _place(x[n0 + b, c], xp, ph, pw)
                 _input_tiles(xp, TH, TW, v, c, b * per_sample)
         for xi in range(16):
-            np.dot(u[xi], v[xi], m[xi])
+            matmul(u[xi], v[xi], m[xi], own)
         for b in range(nb):
             for k in range(K):
                 _output_tiles(m, k, b * per_sample, TH, TW, yp)
@@ -182,6 +185,7 @@ def forward(x, u, y, units, ph, pw, v_buf, m_buf, pad_buf, out_buf):
                     s = yp[i]
                     for j in range(OW):
                         d[j] = s[j]
+        leave_flush(state)
 
 
 # --- backward weight: F(3x3, 2x2) ----------------------------------------------------------------
@@ -233,7 +237,7 @@ def _gy_tiles(gp, TH, TW, q, k, t0):
 
 @parallel_kernel
 def backward_weight(x, gy, units, spread, ph, pw, v_buf, q_buf, pad_buf, gpad_buf, prod_buf,
-                    partials):
+                    partials, own, flush):
     """partials[p] (16, K, C) = sum over the chunks of run p (spread[p]..spread[p + 1]) of
     Q[xi] @ V[xi]^T; one task per run, so the sum's order is fixed."""
     N, C, H, W = x.shape
@@ -243,6 +247,7 @@ def backward_weight(x, gy, units, spread, ph, pw, v_buf, q_buf, pad_buf, gpad_bu
     Hp, Wp = 2 * TH + 2, 2 * TW + 2
     per_sample = TH * TW
     for p in prange(spread.size - 1):
+        state = enter_flush(flush)
         xp = pad_buf[p, :Hp * Wp].reshape(Hp, Wp)
         gp = gpad_buf[p, :4 * per_sample].reshape(2 * TH, 2 * TW)
         prod = prod_buf[p, :K * C].reshape(K, C)
@@ -261,13 +266,14 @@ def backward_weight(x, gy, units, spread, ph, pw, v_buf, q_buf, pad_buf, gpad_bu
                     _place(gy[n0 + b, k], gp, 0, 0)
                     _gy_tiles(gp, TH, TW, q, k, b * per_sample)
             for xi in range(16):
-                np.dot(q[xi], v[xi].T, prod)
+                matmul(q[xi], v[xi].T, prod, own)
                 dst = partials[p, xi]
                 for k in range(K):
                     d = dst[k]
                     s = prod[k]
                     for c in range(C):
                         d[c] += s[c]
+        leave_flush(state)
 
 
 @parallel_kernel

@@ -44,6 +44,13 @@ from cnnfast.cpu._im2col import (
     tap_offset,
     zero_of,
 )
+from cnnfast.cpu._microkernel import (
+    enter_flush,
+    get_flush_denormals,
+    leave_flush,
+    matmul,
+    use_own,
+)
 from cnnfast.cpu._parallel import (
     num_threads,
     parallel_kernel,
@@ -215,7 +222,7 @@ def conv_forward(x, w, stride: Ints, padding: Ints, dilation: Ints, groups: int)
     if geo.pointwise():
         with single_threaded_blas():
             _pointwise(w5.reshape(geo.K, geo.C), x5.reshape(geo.N, geo.C, -1),
-                       y5.reshape(geo.N, geo.K, -1), False)
+                       y5.reshape(geo.N, geo.K, -1), False, *_choices(x5.dtype))
     elif geo.winograd():
         _winograd_forward(x5, w5, geo, y5)
     elif geo.direct():
@@ -237,7 +244,7 @@ def _gemm_forward(x5, w5, geo: _Geometry, y5) -> None:
     with single_threaded_blas():
         _gemm_forward_kernel(x5, w5.reshape(geo.K, geo.taps), y5, units, geo.groups, geo.ks,
                              geo.pd, geo.dl, maps, valid, is_same(geo.size, geo.st, geo.out),
-                             cols, prod)
+                             cols, prod, *_choices(x5.dtype))
 
 
 def _winograd_forward(x5, w5, geo: _Geometry, y5) -> None:
@@ -254,14 +261,15 @@ def _winograd_forward(x5, w5, geo: _Geometry, y5) -> None:
     out = scratch("wino-out", threads, 4 * th * tw, dtype)
     with single_threaded_blas():
         _winograd.forward(x5[:, :, 0], u, y5[:, :, 0], units, geo.pd[1], geo.pd[2], v, m, pad,
-                          out)
+                          out, *_choices(dtype))
 
 
 @parallel_kernel
 def _gemm_forward_kernel(x, w2, y, units, groups, ks, pd, dl, maps, valid, same, cols_buf,
-                         prod_buf):
+                         prod_buf, own, flush):
     """y (N, K, OD, OH, OW) chunk by chunk (one thread per chunk): gather, one product per
-    group into the thread's buffer, then copy each (sample, filter) run into y."""
+    group into the thread's buffer, then copy each (sample, filter) run into y. ``own`` and
+    ``flush``: see :func:`_choices`."""
     N, C = x.shape[0], x.shape[1]
     K, taps = w2.shape
     OD, OH, OW = y.shape[2], y.shape[3], y.shape[4]
@@ -269,6 +277,7 @@ def _gemm_forward_kernel(x, w2, y, units, groups, ks, pd, dl, maps, valid, same,
     Cg = C // groups
     y3 = y.reshape(N, K, OD * OH * OW)
     for u in prange(units.shape[0]):
+        state = enter_flush(flush)
         t = numba.get_thread_id()
         n0, nb, r0, nr = units[u, 0], units[u, 1], units[u, 2], units[u, 3]
         span = nr * OW
@@ -277,23 +286,33 @@ def _gemm_forward_kernel(x, w2, y, units, groups, ks, pd, dl, maps, valid, same,
         prod = prod_buf[t, :Kg * ncols].reshape(Kg, ncols)
         for g in range(groups):
             im2col(x, n0, nb, r0, nr, g * Cg, Cg, ks, pd, dl, OW, maps, valid, same, cols)
-            np.dot(w2[g * Kg:(g + 1) * Kg], cols.reshape(taps, ncols), prod)
+            matmul(w2[g * Kg:(g + 1) * Kg], cols.reshape(taps, ncols), prod, own)
             for b in range(nb):
                 for k in range(Kg):
                     dst = y3[n0 + b, g * Kg + k, r0 * OW:(r0 + nr) * OW]
                     src = prod[k, b * span:(b + 1) * span]
                     for i in range(span):
                         dst[i] = src[i]
+        leave_flush(state)
+
+
+def _choices(dtype) -> tuple[bool, bool]:
+    """(own, flush) for a kernel on arrays of ``dtype``: whether its products run cnnfast's
+    microkernel (:func:`_microkernel.use_own`, else BLAS), and whether it runs with
+    flush-to-zero / denormals-are-zero (:func:`_microkernel.set_flush_denormals`)."""
+    return use_own(dtype), get_flush_denormals()
 
 
 @parallel_kernel
-def _pointwise(w2, x3, y3, transposed):
+def _pointwise(w2, x3, y3, transposed, own, flush):
     """y3[n] = w2 @ x3[n] (or w2^T @ x3[n]) for every sample n, one sample per task."""
     for n in prange(x3.shape[0]):
+        state = enter_flush(flush)
         if transposed:
-            np.dot(w2.T, x3[n], y3[n])
+            matmul(w2.T, x3[n], y3[n], own)
         else:
-            np.dot(w2, x3[n], y3[n])
+            matmul(w2, x3[n], y3[n], own)
+        leave_flush(state)
 
 
 @njit(nogil=True, cache=True)
@@ -351,7 +370,7 @@ def conv_backward_data(gy, w, x_shape: Ints, stride: Ints, padding: Ints, dilati
         gx5 = np.empty((geo.N, geo.C) + geo.size, dtype=gy5.dtype)
         with single_threaded_blas():
             _pointwise(w5.reshape(geo.K, geo.C), gy5.reshape(geo.N, geo.K, -1),
-                       gx5.reshape(geo.N, geo.C, -1), True)
+                       gx5.reshape(geo.N, geo.C, -1), True, *_choices(gy5.dtype))
         return gx5.reshape(geo.x_shape())
     if (geo.st == (1, 1, 1) and not geo.direct() and 2 * geo.Cg >= geo.Kg
             and all(p <= d * (k - 1) for p, d, k in zip(geo.pd, geo.dl, geo.ks))):
@@ -377,7 +396,7 @@ def conv_backward_data(gy, w, x_shape: Ints, stride: Ints, padding: Ints, dilati
     with single_threaded_blas():
         _gemm_backward_data_kernel(gy5, w5.reshape(geo.K, geo.taps), gx5, units,
                                    _spread(units, threads), geo.groups, geo.ks, geo.pd, geo.dl,
-                                   maps, valid, same, gcols, gyt)
+                                   maps, valid, same, gcols, gyt, *_choices(gy5.dtype))
     return gx5.reshape(geo.x_shape())
 
 
@@ -395,7 +414,7 @@ def _gather_gy(gy3, n0, nb, r0, nr, OW, k0, Kg, gyt):
 
 @parallel_kernel
 def _gemm_backward_data_kernel(gy, w2, gx, units, spread, groups, ks, pd, dl, maps, valid,
-                               same, gcols_buf, gyt_buf):
+                               same, gcols_buf, gyt_buf, own, flush):
     """gx (N, C, D, H, W), zeroed, chunk by chunk: gcols = w^T @ gy, added into gx by col2im.
     One thread per run of chunks (``spread``), so the bands of one sample, which add into the
     same rows of gx, stay on one thread, in order."""
@@ -407,6 +426,7 @@ def _gemm_backward_data_kernel(gy, w2, gx, units, spread, groups, ks, pd, dl, ma
     Cg = C // groups
     gy3 = gy.reshape(N, K, -1)
     for t in prange(spread.size - 1):
+        state = enter_flush(flush)
         for u in range(spread[t], spread[t + 1]):
             n0, nb, r0, nr = units[u, 0], units[u, 1], units[u, 2], units[u, 3]
             ncols = nb * nr * OW
@@ -414,9 +434,10 @@ def _gemm_backward_data_kernel(gy, w2, gx, units, spread, groups, ks, pd, dl, ma
             gyt = gyt_buf[t, :Kg * ncols].reshape(Kg, ncols)
             for g in range(groups):
                 _gather_gy(gy3, n0, nb, r0, nr, OW, g * Kg, Kg, gyt)
-                np.dot(w2[g * Kg:(g + 1) * Kg].T, gyt, gcols.reshape(taps, ncols))
+                matmul(w2[g * Kg:(g + 1) * Kg].T, gyt, gcols.reshape(taps, ncols), own)
                 col2im_add(gcols, n0, nb, r0, nr, g * Cg, Cg, ks, pd, dl, OW, maps, valid,
                            same, gx)
+        leave_flush(state)
 
 
 @njit(nogil=True, cache=True)
@@ -477,7 +498,7 @@ def conv_backward_weight(gy, x, w_shape: Ints, stride: Ints, padding: Ints, dila
     with single_threaded_blas():
         _gemm_backward_weight_kernel(gy5, x5, units, spread, geo.groups, geo.ks, geo.pd, geo.dl,
                                      maps, valid, is_same(geo.size, geo.st, geo.out), cols, gyt,
-                                     prod, partials)
+                                     prod, partials, *_choices(x5.dtype))
     gw = partials[0]
     for p in partials[1:]:
         gw += p  # partial sums added in a fixed order
@@ -501,7 +522,7 @@ def _winograd_backward_weight(gy5, x5, geo: _Geometry) -> np.ndarray:
     partials = np.zeros((runs, 16, geo.K, geo.C), dtype=dtype)
     with single_threaded_blas():
         _winograd.backward_weight(x5[:, :, 0], gy5[:, :, 0], units, spread, geo.pd[1],
-                                  geo.pd[2], v, q, pad, gpad, prod, partials)
+                                  geo.pd[2], v, q, pad, gpad, prod, partials, *_choices(dtype))
     total = partials[0]
     for p in partials[1:]:
         total += p  # partial sums added in a fixed order
@@ -512,7 +533,7 @@ def _winograd_backward_weight(gy5, x5, geo: _Geometry) -> np.ndarray:
 
 @parallel_kernel
 def _gemm_backward_weight_kernel(gy, x, units, spread, groups, ks, pd, dl, maps, valid, same,
-                                 cols_buf, gyt_buf, prod_buf, partials):
+                                 cols_buf, gyt_buf, prod_buf, partials, own, flush):
     """partials[t] (K, C/groups * prod(KS)) = sum over thread t's run of chunks of
     gy (K, cols) @ cols^T, group by group."""
     N, C = x.shape[0], x.shape[1]
@@ -523,6 +544,7 @@ def _gemm_backward_weight_kernel(gy, x, units, spread, groups, ks, pd, dl, maps,
     Cg = C // groups
     gy3 = gy.reshape(N, K, -1)
     for t in prange(spread.size - 1):
+        state = enter_flush(flush)
         prod = prod_buf[t, :Kg * taps].reshape(Kg, taps)
         for u in range(spread[t], spread[t + 1]):
             n0, nb, r0, nr = units[u, 0], units[u, 1], units[u, 2], units[u, 3]
@@ -532,13 +554,14 @@ def _gemm_backward_weight_kernel(gy, x, units, spread, groups, ks, pd, dl, maps,
             for g in range(groups):
                 im2col(x, n0, nb, r0, nr, g * Cg, Cg, ks, pd, dl, OW, maps, valid, same, cols)
                 _gather_gy(gy3, n0, nb, r0, nr, OW, g * Kg, Kg, gyt)
-                np.dot(gyt, cols.reshape(taps, ncols).T, prod)
+                matmul(gyt, cols.reshape(taps, ncols).T, prod, own)
                 part = partials[t, g * Kg:(g + 1) * Kg]
                 for k in range(Kg):
                     dst = part[k]
                     src = prod[k]
                     for i in range(taps):
                         dst[i] += src[i]
+        leave_flush(state)
 
 
 @njit(nogil=True, cache=True)

@@ -1,0 +1,457 @@
+"""cnnfast's own float32 GEMM: a register-blocked vector FMA microkernel in LLVM IR.
+
+Numba compiles a register tile written as Python loops to scalar FMAs (it gives LLVM no
+``noalias``), far below the machine's rate. So the innermost loop is written here as LLVM vector
+IR through :func:`numba.extending.intrinsic`: ``<16 x float>`` vectors, ``llvm.fma.v16f32``,
+broadcasts of A, ``MR * NR / 16`` accumulators held in registers over the whole K loop. The
+vector width is written once; LLVM splits a 16-wide vector into two AVX2 registers (or four
+NEON ones), so the same IR compiles for every CPU. Only the tile changes with the target:
+
+- AVX-512 (32 vector registers): MR x NR = 8 x 32, 16 accumulators;
+- otherwise (AVX2, 16 registers): 6 x 16, 12 register-sized accumulators (6 of 16 lanes).
+
+:func:`gemm` wraps it the way BLIS does (Goto's algorithm): B is packed in K-blocks of
+``KC`` rows into NR-wide panels, A in ``MC``-row blocks into MR-high panels (both zero-padded to
+whole tiles), and the microkernel runs over every (MR, NR) tile; an edge tile is computed into
+a small buffer and its valid part copied out. Its order of additions depends only on the shapes,
+so it gives the same bits on every run. It is a plain ``@njit`` function, callable on one thread
+inside a kernel's ``prange`` loop, like ``np.dot``.
+
+:func:`fma_ceiling` measures the machine's float32 FMA rate with the same vectors (a loop of
+independent FMAs, no memory traffic): the ceiling every kernel's GFLOP/s is measured against.
+
+:func:`flush_denormals` / :func:`restore_mxcsr`: x86 flush-to-zero and denormals-are-zero for the
+calling thread (MXCSR), so that products of tiny numbers do not take the microcode slow path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import time
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import cgutils, config, types
+from numba.extending import intrinsic, overload
+
+LANES = 16
+_F32 = ir.FloatType()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_VEC = ir.VectorType(_F32, LANES)
+
+
+def target_features() -> str:
+    """The CPU features Numba compiles for (NUMBA_CPU_FEATURES, else the host's)."""
+    if config.CPU_FEATURES is not None:
+        return config.CPU_FEATURES
+    import llvmlite.binding as ll
+
+    return ll.get_host_cpu_features().flatten()
+
+
+def target_name() -> str:
+    """The CPU Numba compiles for (NUMBA_CPU_NAME, else the host's)."""
+    if config.CPU_NAME is not None:
+        return config.CPU_NAME
+    import llvmlite.binding as ll
+
+    return ll.get_host_cpu_name()
+
+
+def has_avx512() -> bool:
+    return "+avx512f" in target_features().split(",")
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+# The register tile and the cache blocks. KC rows of an NR panel of B (32 KiB for 8 x 32) stay
+# in L1 while the MR panels of an MC block of A (MC * KC * 4 = 256 KiB) stream from L2.
+if has_avx512():
+    MR, NR = 8, 32
+else:
+    MR, NR = 6, 16
+KC = 256
+MC = 32 * MR  # a multiple of MR: 256 rows for MR = 8, 192 for MR = 6
+NC = 4096
+
+
+def _data(context, builder, aty, value):
+    return context.make_array(aty)(context, builder, value).data
+
+
+def _broadcast(builder, scalar):
+    undef = ir.Constant(_VEC, ir.Undefined)
+    one = builder.insert_element(undef, scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(_I32, LANES),
+                                                          [0] * LANES))
+
+
+def _load_vec(builder, base, index):
+    ptr = builder.bitcast(builder.gep(base, [index]), _VEC.as_pointer())
+    return builder.load(ptr, align=4)
+
+
+def _store_vec(builder, value, base, index):
+    ptr = builder.bitcast(builder.gep(base, [index]), _VEC.as_pointer())
+    builder.store(value, ptr, align=4)
+
+
+def _fma(builder):
+    fnty = ir.FunctionType(_VEC, [_VEC, _VEC, _VEC])
+    return cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v16f32")
+
+
+def _check_f32(*arrays):
+    for a in arrays:
+        if not (isinstance(a, types.Array) and a.dtype == types.float32):
+            raise TypeError(f"the microkernel takes float32 arrays, got {a}")
+
+
+@intrinsic
+def microkernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
+    """c[coff + r * ldc + j] (+)= sum over p < kc of a[aoff + p * MR + r] * b[boff + p * NR + j]
+    for r < MR, j < NR: one register tile. a, b: packed panels; c: a tile with row stride ldc;
+    the sum replaces c's values, or is added to them when ``accumulate`` is non-zero."""
+    _check_f32(a, b, c)
+    sig = types.void(kc, a, aoff, b, boff, c, coff, ldc, accumulate)
+    nvec = NR // LANES
+
+    def codegen(context, builder, signature, args):
+        kc_v, a_v, aoff_v, b_v, boff_v, c_v, coff_v, ldc_v, acc_v = args
+        sa = signature.args
+        a_p = builder.gep(_data(context, builder, sa[1], a_v), [aoff_v])
+        b_p = builder.gep(_data(context, builder, sa[3], b_v), [boff_v])
+        c_p = builder.gep(_data(context, builder, sa[5], c_v), [coff_v])
+        fma = _fma(builder)
+        zero = ir.Constant(_VEC, [0.0] * LANES)
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nvec)]
+                for _ in range(MR)]
+        kc64 = builder.sext(kc_v, _I64) if kc_v.type.width < 64 else kc_v
+        with cgutils.for_range(builder, kc64) as loop:
+            p = loop.index
+            bv = [_load_vec(builder, b_p, builder.add(builder.mul(p, ir.Constant(_I64, NR)),
+                                                      ir.Constant(_I64, j * LANES)))
+                  for j in range(nvec)]
+            for r in range(MR):
+                s = builder.load(builder.gep(a_p, [builder.add(
+                    builder.mul(p, ir.Constant(_I64, MR)), ir.Constant(_I64, r))]))
+                av = _broadcast(builder, s)
+                for j in range(nvec):
+                    acc = builder.load(accs[r][j])
+                    builder.store(builder.call(fma, [av, bv[j], acc]), accs[r][j])
+        ldc64 = builder.sext(ldc_v, _I64) if ldc_v.type.width < 64 else ldc_v
+        add = builder.icmp_signed("!=", acc_v, ir.Constant(acc_v.type, 0))
+        for r in range(MR):
+            row = builder.mul(ldc64, ir.Constant(_I64, r))
+            for j in range(nvec):
+                idx = builder.add(row, ir.Constant(_I64, j * LANES))
+                total = builder.load(accs[r][j])
+                with builder.if_then(add):
+                    old = _load_vec(builder, c_p, idx)
+                    _store_vec(builder, builder.fadd(old, total), c_p, idx)
+                with builder.if_then(builder.not_(add)):
+                    _store_vec(builder, total, c_p, idx)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# --- packing and the blocked product --------------------------------------------------------------
+
+@njit(nogil=True, cache=True)
+def _pack_a(a, i0, mc, p0, kc, buf):
+    """a[i0:i0+mc, p0:p0+kc] into MR-high panels: buf[(panel * kc + p) * MR + r], zero rows
+    past the edge."""
+    panels = -(-mc // MR)
+    for q in range(panels):
+        base = q * kc * MR
+        rows = min(MR, mc - q * MR)
+        for p in range(kc):
+            o = base + p * MR
+            for r in range(rows):
+                buf[o + r] = a[i0 + q * MR + r, p0 + p]
+            for r in range(rows, MR):
+                buf[o + r] = 0.0
+
+
+@njit(nogil=True, cache=True)
+def _pack_b(b, p0, kc, j0, nc, buf):
+    """b[p0:p0+kc, j0:j0+nc] into NR-wide panels: buf[(panel * kc + p) * NR + j], zero columns
+    past the edge."""
+    panels = -(-nc // NR)
+    for q in range(panels):
+        base = q * kc * NR
+        cols = min(NR, nc - q * NR)
+        for p in range(kc):
+            o = base + p * NR
+            src = b[p0 + p, j0 + q * NR:j0 + q * NR + cols]
+            for j in range(cols):
+                buf[o + j] = src[j]
+            for j in range(cols, NR):
+                buf[o + j] = 0.0
+
+
+@njit(nogil=True, cache=True)
+def gemm(a, b, c, accumulate):
+    """c (M, N) = a (M, K) @ b (K, N), or c += a @ b when ``accumulate``; float32, any strides
+    for a and b, c with contiguous rows (any row stride). One thread."""
+    M, K = a.shape
+    N = b.shape[1]
+    if c.strides[1] != 4 and N > 1:
+        raise ValueError("gemm: c's rows must be contiguous")
+    ldc = c.strides[0] // 4
+    if K == 0:
+        if not accumulate:
+            for i in range(M):
+                for j in range(N):
+                    c[i, j] = 0.0
+        return
+    nc_max = min(NC, -(-N // NR) * NR)
+    bbuf = np.empty(KC * nc_max, dtype=np.float32)
+    abuf = np.empty(KC * min(MC, -(-M // MR) * MR), dtype=np.float32)
+    edge = np.empty(MR * NR, dtype=np.float32)
+    for j0 in range(0, N, NC):
+        nc = min(NC, N - j0)
+        for p0 in range(0, K, KC):
+            kc = min(KC, K - p0)
+            acc = 1 if (accumulate or p0 > 0) else 0
+            _pack_b(b, p0, kc, j0, nc, bbuf)
+            for i0 in range(0, M, MC):
+                mc = min(MC, M - i0)
+                _pack_a(a, i0, mc, p0, kc, abuf)
+                for jq in range(-(-nc // NR)):
+                    cols = min(NR, nc - jq * NR)
+                    for iq in range(-(-mc // MR)):
+                        rows = min(MR, mc - iq * MR)
+                        ri = i0 + iq * MR
+                        cj = j0 + jq * NR
+                        ci = ri * ldc + cj
+                        if rows == MR and cols == NR:
+                            microkernel(kc, abuf, iq * kc * MR, bbuf, jq * kc * NR, c, ci, ldc,
+                                        acc)
+                        else:
+                            microkernel(kc, abuf, iq * kc * MR, bbuf, jq * kc * NR, edge, 0, NR,
+                                        0)
+                            for r in range(rows):
+                                for j in range(cols):
+                                    if acc:
+                                        c[ri + r, cj + j] += edge[r * NR + j]
+                                    else:
+                                        c[ri + r, cj + j] = edge[r * NR + j]
+
+
+# --- the product the convolution kernels call -----------------------------------------------------
+
+GEMM_CHOICES = ("auto", "own", "blas")
+_choice = {"gemm": os.environ.get("CNNFAST_CPU_GEMM", "auto").strip().lower() or "auto"}
+
+
+def set_gemm(choice: str) -> None:
+    """Which matrix product the float32 CPU convolution runs: ``"own"`` (the microkernel),
+    ``"blas"`` (NumPy's BLAS) or ``"auto"`` (the default: the microkernel, which is faster than
+    OpenBLAS on every CPU measured; see benchmarks/README.md). float64 always runs BLAS.
+    The environment variable ``CNNFAST_CPU_GEMM`` sets the starting choice."""
+    if choice not in GEMM_CHOICES:
+        raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {choice!r}")
+    _choice["gemm"] = choice
+
+
+def get_gemm() -> str:
+    if _choice["gemm"] not in GEMM_CHOICES:
+        raise ValueError(f"CNNFAST_CPU_GEMM must be one of {GEMM_CHOICES}, "
+                         f"got {_choice['gemm']!r}")
+    return _choice["gemm"]
+
+
+def use_own(dtype) -> bool:
+    """Whether a product on arrays of ``dtype`` runs :func:`gemm` (else BLAS)."""
+    return np.dtype(dtype) == np.float32 and get_gemm() != "blas"
+
+
+def matmul(a, b, out, own):
+    """out = a @ b inside a Numba kernel: :func:`gemm` when ``own`` and the arrays are float32,
+    else ``np.dot`` (BLAS). Callable from jitted code only."""
+    raise NotImplementedError("matmul is called from Numba-compiled kernels")
+
+
+@overload(matmul, jit_options={"nogil": True})
+def _matmul_impl(a, b, out, own):
+    if all(isinstance(t, types.Array) and t.dtype == types.float32 for t in (a, b, out)):
+        def impl(a, b, out, own):
+            if own:
+                gemm(a, b, out, False)
+            else:
+                np.dot(a, b, out)
+        return impl
+
+    def impl_blas(a, b, out, own):
+        np.dot(a, b, out)
+    return impl_blas
+
+
+# --- flush-to-zero / denormals-are-zero -----------------------------------------------------------
+
+_FTZ_DAZ = 0x8040  # MXCSR bits 15 (flush to zero) and 6 (denormals are zero)
+
+
+def _mxcsr_fn(builder, name):
+    fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
+    return cgutils.get_or_insert_function(builder.module, fnty, name)
+
+
+@intrinsic
+def flush_denormals(typingctx):
+    """Turns on flush-to-zero and denormals-are-zero for the calling thread and returns the
+    previous MXCSR (0 and nothing done off x86), to be handed to :func:`restore_mxcsr`."""
+    sig = types.int64()
+
+    def codegen(context, builder, signature, args):
+        if not is_x86():
+            return ir.Constant(_I64, 0)
+        slot = cgutils.alloca_once(builder, _I32)
+        raw = builder.bitcast(slot, ir.IntType(8).as_pointer())
+        builder.call(_mxcsr_fn(builder, "llvm.x86.sse.stmxcsr"), [raw])
+        old = builder.load(slot)
+        builder.store(builder.or_(old, ir.Constant(_I32, _FTZ_DAZ)), slot)
+        builder.call(_mxcsr_fn(builder, "llvm.x86.sse.ldmxcsr"), [raw])
+        return builder.zext(old, _I64)
+
+    return sig, codegen
+
+
+@intrinsic
+def restore_mxcsr(typingctx, old):
+    """Puts back the MXCSR that :func:`flush_denormals` returned."""
+    sig = types.void(old)
+
+    def codegen(context, builder, signature, args):
+        if is_x86():
+            slot = cgutils.alloca_once(builder, _I32)
+            builder.store(builder.trunc(args[0], _I32), slot)
+            raw = builder.bitcast(slot, ir.IntType(8).as_pointer())
+            builder.call(_mxcsr_fn(builder, "llvm.x86.sse.ldmxcsr"), [raw])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+FLUSH_CHOICES = {"1": True, "0": False}
+_choice["flush"] = os.environ.get("CNNFAST_CPU_FLUSH_DENORMALS", "1").strip() or "1"
+
+
+def set_flush_denormals(on: bool) -> None:
+    """Whether the CPU convolution kernels run with flush-to-zero and denormals-are-zero (the
+    default; ``CNNFAST_CPU_FLUSH_DENORMALS=0`` turns it off): numbers below float32's smallest
+    normal (1.2e-38) count as 0, so a layer fed tiny values runs at its usual speed."""
+    _choice["flush"] = "1" if on else "0"
+
+
+def get_flush_denormals() -> bool:
+    if _choice["flush"] not in FLUSH_CHOICES:
+        raise ValueError(f"CNNFAST_CPU_FLUSH_DENORMALS must be 0 or 1, got {_choice['flush']!r}")
+    return FLUSH_CHOICES[_choice["flush"]]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def enter_flush(flush):
+    """At the start of a kernel's task: flush-to-zero on when ``flush``; the state to restore."""
+    if flush:
+        return flush_denormals()
+    return -1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def leave_flush(state):
+    """At the end of the task: the thread's MXCSR as it was before :func:`enter_flush`."""
+    if state >= 0:
+        restore_mxcsr(state)
+
+
+# --- the machine's FMA ceiling --------------------------------------------------------------------
+
+# Independent accumulators of 16 lanes in the ceiling loop: enough to cover the FMA latency
+# times the pipes on current CPUs (4 cycles x 2 pipes), few enough to stay in registers.
+_CEILING_ACCS = 12 if has_avx512() else 6
+
+
+@intrinsic
+def _fma_loop(typingctx, iterations, seed):
+    """Runs ``iterations`` rounds of _CEILING_ACCS independent vector FMAs (acc = acc * m + s)
+    and returns the lanes' sum (so nothing is optimised away)."""
+    sig = types.float32(iterations, seed)
+
+    def codegen(context, builder, signature, args):
+        n, s = args
+        fma = _fma(builder)
+        sv = _broadcast(builder, s)
+        mv = _broadcast(builder, ir.Constant(_F32, 0.999999))
+        accs = [cgutils.alloca_once_value(builder, _broadcast(builder, builder.fadd(
+            s, ir.Constant(_F32, float(i))))) for i in range(_CEILING_ACCS)]
+        with cgutils.for_range(builder, n):
+            for acc in accs:
+                builder.store(builder.call(fma, [builder.load(acc), mv, sv]), acc)
+        total = builder.load(accs[0])
+        for acc in accs[1:]:
+            total = builder.fadd(total, builder.load(acc))
+        out = builder.extract_element(total, ir.Constant(_I32, 0))
+        for i in range(1, LANES):
+            out = builder.fadd(out, builder.extract_element(total, ir.Constant(_I32, i)))
+        return out
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _fma_serial(iterations, seed):
+    return _fma_loop(iterations, seed)
+
+
+@njit(parallel=True, cache=True)
+def _fma_parallel(threads, iterations, seed):
+    out = np.zeros(threads, dtype=np.float32)
+    for t in prange(threads):
+        out[t] = _fma_loop(iterations, seed + np.float32(t))
+    return out
+
+
+def fma_flops(iterations: int) -> int:
+    """Floating-point operations of one :func:`_fma_loop` run."""
+    return 2 * LANES * _CEILING_ACCS * iterations
+
+
+@functools.lru_cache(maxsize=4)
+def fma_ceiling(threads: int = 1, seconds: float = 0.2, repeats: int = 5) -> float:
+    """The float32 FMA rate in GFLOP/s on ``threads`` threads (one loop per thread, Numba's
+    pool), best of ``repeats`` runs of about ``seconds`` each."""
+    seed = np.float32(1.0)
+    _fma_serial(np.int64(1000), seed)
+    if threads > 1:
+        _fma_parallel(threads, np.int64(1000), seed)
+    iterations = 1 << 16
+    while True:
+        t0 = time.perf_counter()
+        _run(threads, iterations, seed)
+        dt = time.perf_counter() - t0
+        if dt >= seconds / 4 or iterations >= 1 << 34:
+            break
+        iterations *= 4
+    iterations = max(1, int(iterations * seconds / max(dt, 1e-9)))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _run(threads, iterations, seed)
+        best = min(best, time.perf_counter() - t0)
+    return threads * fma_flops(iterations) / best / 1e9
+
+
+def _run(threads: int, iterations: int, seed) -> None:
+    if threads > 1:
+        _fma_parallel(threads, np.int64(iterations), seed)
+    else:
+        _fma_serial(np.int64(iterations), seed)
