@@ -20,9 +20,19 @@ def test_doctor_reports_this_machine(capsys):
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
     for item in ("python", "numpy", "numba", "numba-cuda", "cupy", "blas", "nvidia driver",
-                 "gpu", "cpu path", "numba cache"):
+                 "gpu", "cpu path", "fma ceiling", "sgemm", "numba cache"):
         assert any(line.startswith(item + " ") for line in out.splitlines()), item
     assert "advice:" in out or "no problems found" in out
+
+
+def test_doctor_cpu_rates_measure_the_ceiling_and_both_products():
+    rates = doctor.cpu_rates(seconds=0.01, repeats=1)
+    for key in ("fma_1", "fma_all", "blas_1", "blas_all", "own_1"):
+        assert np.isfinite(rates[key]) and rates[key] > 0, key
+    fma, sgemm = doctor.cpu_rate_rows(dict(rates, fma_1=200.0, own_1=150.0, blas_1=100.0))
+    assert fma[0] == "fma ceiling" and "200 GFLOP/s on 1 thread" in fma[1]
+    assert sgemm[0] == "sgemm" and "BLAS 100 GFLOP/s on 1 thread (50% of the ceiling)" in sgemm[1]
+    assert "cnnfast 150 on 1 thread (75%" in sgemm[1]
 
 
 @pytest.mark.parametrize("driver, cupy, expected", [
