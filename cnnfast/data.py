@@ -6,7 +6,8 @@ here; see that module for the tasks and the image layout.
 
 MedMNIST files hold ``train_images``, ``val_images``, ``test_images`` and the matching ``_labels``
 arrays: 2D grey ``N x H x W``, 2D RGB ``N x H x W x 3``, 3D ``N x D x H x W``, labels ``N x L``.
-Files written by :func:`save_npz` may also hold ``task`` and ``label_names``.
+Files written by :func:`save_npz` may also hold ``task``, ``label_names`` and ``preprocessing``
+(the JSON recipe of ``cnnfast prepare``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import json
 import os
 import re
 import urllib.error
@@ -312,8 +314,16 @@ def load_npz(path: str | os.PathLike, task: str | None = None,
         task = task or info.task
         label_names = label_names or info.label_names
         spatial_dims = spatial_dims or info.spatial_dims
-    return from_arrays(arrays, task=task, label_names=label_names, name=path.stem,
-                       spatial_dims=spatial_dims, source=str(path), num_classes=num_classes)
+    dataset = from_arrays(arrays, task=task, label_names=label_names, name=path.stem,
+                          spatial_dims=spatial_dims, source=str(path), num_classes=num_classes)
+    if "preprocessing" in arrays:
+        try:
+            dataset.preprocessing = json.loads(str(arrays["preprocessing"]))
+        except ValueError:
+            raise DataError(f"{path}: its preprocessing entry is not JSON") from None
+        if not isinstance(dataset.preprocessing, dict):
+            raise DataError(f"{path}: its preprocessing entry is not a JSON object")
+    return dataset
 
 
 def save_npz(path: str | os.PathLike, dataset: MedicalDataset) -> Path:
@@ -334,6 +344,8 @@ def save_npz(path: str | os.PathLike, dataset: MedicalDataset) -> Path:
         arrays[f"{s}_labels"] = split.labels
     arrays["task"] = np.array(dataset.task)
     arrays["label_names"] = np.array(dataset.label_names)
+    if dataset.preprocessing is not None:
+        arrays["preprocessing"] = np.array(json.dumps(dataset.preprocessing, sort_keys=True))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:

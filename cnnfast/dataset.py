@@ -63,6 +63,8 @@ class MedicalDataset:
 
     ``label_names`` has one entry per class (binary and multi-class) or per label (multi-label).
     ``normalization`` says how to turn a batch of raw images into the model's float32 input.
+    ``preprocessing`` is the recipe that made the images from scans
+    (:class:`cnnfast.transforms.Preprocessing` as a dict; ``cnnfast prepare``), or None.
     """
 
     train: Split
@@ -73,6 +75,7 @@ class MedicalDataset:
     name: str = "dataset"
     normalization: "Normalization" = field(default=None)  # type: ignore[assignment]
     synthetic: bool = False
+    preprocessing: dict | None = None
 
     def __post_init__(self) -> None:
         if self.normalization is None:

@@ -8,7 +8,11 @@ stored them, plus one name per image:
   when their size differs, resized to its image size (bilinear, with a warning); names are the
   file names;
 * a folder of ``.npy`` volumes (3D) ``(D, H, W)`` or ``(C, D, H, W)``: resized (trilinear, with a
-  warning) when their size differs; names are the file names.
+  warning) when their size differs; names are the file names;
+* scans (a NIfTI or DICOM file, a DICOM series folder, or a folder of them: see
+  :func:`cnnfast.scans.scan_items`), when the checkpoint records the preprocessing of
+  ``cnnfast prepare``: each is read and preprocessed by that recipe; names are the file or
+  folder names.
 
 Files are taken in sorted name order. Anything unreadable or of the wrong shape raises
 :class:`~cnnfast.dataset.DataError` naming the file.
@@ -110,13 +114,56 @@ def _load_volume_folder(folder: Path, files: list[Path], channels: int,
     return Inputs(np.stack(arrays), [f.name for f in files], name_column="file")
 
 
+def _is_scan_input(path: Path) -> bool:
+    from cnnfast.scans import DICOM_SUFFIX, is_nifti
+
+    if path.is_file():
+        return is_nifti(path) or path.suffix.lower() == DICOM_SUFFIX
+    if not path.is_dir():
+        return False
+    # a folder of scans, or a series folder (DICOM files often have no suffix)
+    return any(p.is_dir() or is_nifti(p) or p.suffix.lower() in (DICOM_SUFFIX, "")
+               for p in path.iterdir() if not p.name.startswith("."))
+
+
+def _load_scans(path: Path, preprocessing: dict | None, channels: int,
+                image_shape: tuple[int, ...]) -> Inputs:
+    from cnnfast.scans import read_scan, scan_items
+    from cnnfast.transforms import Preprocessing
+
+    if preprocessing is None:
+        raise DataError(f"{path}: scans (DICOM / NIfTI) need the preprocessing they were trained "
+                        "with, and this checkpoint records none: train it on a `cnnfast "
+                        "prepare` .npz")
+    try:
+        recipe = Preprocessing.from_dict(preprocessing)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"the checkpoint's preprocessing cannot be used: {exc}") from None
+    if channels != 1 or recipe.size != image_shape:
+        raise DataError(f"the checkpoint's preprocessing makes {recipe.size} images but its "
+                        f"model takes ({channels}, {', '.join(map(str, image_shape))})")
+    arrays, names = [], []
+    for item in scan_items(path, recipe.spatial_dims):
+        scan = read_scan(item)
+        try:
+            arrays.append(recipe.apply(scan.array, scan.spacing)[None])
+        except ValueError as exc:
+            raise DataError(f"{item}: {exc}") from None
+        names.append(item.name)
+    return Inputs(np.stack(arrays), names, name_column="scan")
+
+
 def load_inputs(data: str | os.PathLike, split: str, channels: int,
-                image_shape: Sequence[int], load_dataset: Callable | None = None) -> Inputs:
+                image_shape: Sequence[int], load_dataset: Callable | None = None,
+                preprocessing: dict | None = None) -> Inputs:
     """The images to predict on (see the module docstring). ``channels`` and ``image_shape``
-    ``(H, W)`` or ``(D, H, W)`` are what the checkpoint expects; ``load_dataset(data)`` loads a
-    ``.npz`` or a dataset name (default :func:`cnnfast.data.load_dataset`)."""
+    ``(H, W)`` or ``(D, H, W)`` are what the checkpoint expects, ``preprocessing`` its recipe
+    for scans; ``load_dataset(data)`` loads a ``.npz`` or a dataset name (default
+    :func:`cnnfast.data.load_dataset`)."""
     image_shape = tuple(int(s) for s in image_shape)
     path = Path(data)
+    if _is_scan_input(path):
+        return _load_scans(path, preprocessing, channels, image_shape)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
@@ -217,7 +264,8 @@ def predict_checkpoint(checkpoint, data: str | os.PathLike, out: str | os.PathLi
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     channels, image_shape = _image_spec(ckpt)
     model = model_from_checkpoint(ckpt, device=device)
-    inputs = load_inputs(data, split, channels, image_shape, load_dataset=load_dataset)
+    inputs = load_inputs(data, split, channels, image_shape, load_dataset=load_dataset,
+                         preprocessing=ckpt.header.get("preprocessing"))
     norm = (Normalization.from_dict(ckpt.normalization) if ckpt.normalization
             else Normalization.medmnist(len(image_shape), inputs.images.dtype))
     task = ckpt.task or MULTICLASS

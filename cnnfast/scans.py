@@ -387,7 +387,20 @@ def read_scan(path: str | os.PathLike) -> Scan:
     return read_dicom_image(path)
 
 
-def is_scan(path: Path) -> bool:
-    """Whether a folder entry looks like a scan: a NIfTI or ``.dcm`` file, or a folder."""
-    return (not path.name.startswith(".")
-            and (path.is_dir() or is_nifti(path) or path.suffix.lower() == DICOM_SUFFIX))
+def scan_items(path: str | os.PathLike, spatial_dims: int) -> list[Path]:
+    """The scans at ``path`` for a model of ``spatial_dims``: a NIfTI or DICOM file is one; a
+    folder holds, for 3D, NIfTI files and DICOM series folders (or is itself one series when it
+    holds neither), and for 2D, DICOM image files (``.dcm``). Sorted by name."""
+    path = Path(path)
+    if not path.is_dir():
+        if not path.exists():
+            raise ScanError(f"{path}: no such file or folder")
+        return [path]
+    entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    if spatial_dims == 3:
+        items = [p for p in entries if p.is_dir() or is_nifti(p)]
+        return items or [path]
+    items = [p for p in entries if p.is_file() and p.suffix.lower() == DICOM_SUFFIX]
+    if not items:
+        raise ScanError(f"{path}: no DICOM images (.dcm files) for a 2D model")
+    return items

@@ -226,6 +226,8 @@ def checkpoint_meta(model: nn.Module, dataset: MedicalDataset, config: TrainConf
                  "in_channels": dataset.in_channels, "image_shape": list(dataset.image_shape),
                  "spatial_dims": dataset.spatial_dims},
     }
+    if dataset.preprocessing is not None:  # from `cnnfast prepare`: predict repeats it on scans
+        meta["preprocessing"] = dataset.preprocessing
     if config is not None:
         meta["train_config"] = config.to_dict()
     meta.update(extra)
