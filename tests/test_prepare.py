@@ -230,3 +230,55 @@ def test_predict_on_scans_needs_a_recipe(tmp_path):
     ckpt = save_checkpoint(tmp_path / "m.ckpt", model.state_dict(), checkpoint_meta(model, ds))
     with pytest.raises(DataError, match="records none"):
         predict_checkpoint(ckpt, folder, tmp_path / "p.csv")
+
+
+# --- the command line, end to end ---------------------------------------------------------------
+
+def test_cli_prepare_train_predict(tmp_path, capsys):
+    from cnnfast.checkpoint import load_checkpoint
+    from cnnfast.cli import main
+
+    folder = tmp_path / "scans"
+    rows = write_scans(folder, n_patients=5, per_patient=2)
+    npz = tmp_path / "prepared" / "nodules.npz"
+    assert main(["prepare", "--scans", str(folder), "--out", str(npz), "--size", "6x10x10",
+                 "--spacing", "3,2,2", "--window", "mediastinum", "--val", "0.2", "--test", "0.2",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "binary-class" in out and "cnnfast train --data" in out
+    assert npz.with_suffix(".json").is_file()
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(npz), "--model", "smallcnn", "--channels", "2", "4",
+                 "--epochs", "1", "--batch-size", "4", "--no-progress", "--out", str(run)]) == 0
+    ckpt = load_checkpoint(run / "smallcnn.ckpt")
+    assert ckpt.header["preprocessing"] == RECIPE.to_dict()
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(run / "smallcnn.ckpt"), "--data", str(folder),
+                 "--out", str(tmp_path / "preds.csv"), "--no-progress"]) == 0
+    assert f"{len(rows)} predictions written" in capsys.readouterr().out
+    table = list(csv.reader(open(tmp_path / "preds.csv")))
+    assert table[0] == ["scan", "nodule=0", "nodule=1"]
+    assert sorted(r[0] for r in table[1:]) == sorted(r["id"] for r in rows)
+    probabilities = np.array([r[1:] for r in table[1:]], float)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
+def test_cli_prepare_bad_input_is_one_line(tmp_path, capsys):
+    from cnnfast.cli import main
+
+    folder = tmp_path / "scans"
+    write_scans(folder, n_patients=3, per_patient=1)
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "--scans", str(folder), "--out", str(tmp_path / "o.npz"),
+              "--size", "6x10x10", "--window", "liver"])
+    assert exit_.value.code == 2
+    assert "--window: expected a preset (lung, mediastinum" in capsys.readouterr().err
+    assert main(["prepare", "--scans", str(folder), "--out", str(tmp_path / "o.npz"),
+                 "--size", "6x10", "--spacing", "1,1,1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cnnfast prepare: error: spacing must be") and "\n" not in err
+    assert main(["prepare", "--scans", str(folder), "--out", str(tmp_path / "o.npz"),
+                 "--size", "6x10", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "line 2 (series00)" in err and "2D images" in err and "\n" not in err
+    assert not (tmp_path / "o.npz").exists()

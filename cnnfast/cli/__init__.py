@@ -1,5 +1,5 @@
-"""The ``cnnfast`` command line: ``demo``, ``train``, ``evaluate``, ``plot``, ``download``,
-``export``, ``predict``, ``bench`` and ``doctor``.
+"""The ``cnnfast`` command line: ``prepare``, ``demo``, ``train``, ``evaluate``, ``plot``,
+``download``, ``export``, ``predict``, ``bench`` and ``doctor``.
 
 Every command checks its inputs (data file, checkpoint, device) before it writes anything; a bad
 input ends with one line ``cnnfast <command>: error: ...`` on stderr and exit status 2.
@@ -25,11 +25,11 @@ import sys
 from typing import Sequence
 
 from cnnfast import config
-from cnnfast.cli import bench, doctor, evaluate, predict, train
+from cnnfast.cli import bench, doctor, evaluate, predict, prepare, train
 from cnnfast.cli._common import EXIT_USAGE, user_errors
 
 # The command modules, in the order ``cnnfast --help`` lists their commands.
-COMMANDS = (train, evaluate, predict, bench, doctor)
+COMMANDS = (prepare, train, evaluate, predict, bench, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:

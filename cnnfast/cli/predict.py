@@ -47,11 +47,14 @@ def run_predict(args: argparse.Namespace) -> int:
         check_writable(Path(args.gradcam))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = predict_checkpoint(args.checkpoint, args.data, args.out, split=args.split,
-                                    batch_size=args.batch_size, device=args.device,
-                                    gradcam=args.gradcam, gradcam_max=args.gradcam_max,
-                                    progress=not args.no_progress,
-                                    load_dataset=lambda _: load_data(args))
+        try:
+            result = predict_checkpoint(args.checkpoint, args.data, args.out, split=args.split,
+                                        batch_size=args.batch_size, device=args.device,
+                                        gradcam=args.gradcam, gradcam_max=args.gradcam_max,
+                                        progress=not args.no_progress,
+                                        load_dataset=lambda _: load_data(args))
+        except ImportError as exc:  # DICOM / NIfTI input without cnnfast[medical]
+            raise CLIError(str(exc)) from None
     for w in caught:
         print(f"cnnfast predict: warning: {w.message}", file=sys.stderr)
     print(f"{result.count} predictions written to {args.out} ({', '.join(result.labels)})")
@@ -82,12 +85,16 @@ def add_parser(sub) -> None:
                                    "name) and one column per label name. --data is a .npz (or a "
                                    "dataset name; --split picks the split), a folder of "
                                    "PNG/JPEG images (2D; converted and resized to what the "
-                                   "checkpoint expects, with a warning) or a folder of .npy "
-                                   "volumes (3D).")
+                                   "checkpoint expects, with a warning), a folder of .npy "
+                                   "volumes (3D), or scans: a .nii/.nii.gz or DICOM file, a "
+                                   "DICOM series folder or a folder of them, preprocessed by the "
+                                   "recipe the checkpoint records (trained on a `cnnfast "
+                                   "prepare` .npz).")
     p.add_argument("--checkpoint", required=True, metavar="FILE",
                    help="a checkpoint written by cnnfast train or demo")
     p.add_argument("--data", required=True, metavar="FILE.npz|FOLDER|NAME",
-                   help="a .npz, a dataset name, or a folder of PNG/JPEG images or .npy volumes")
+                   help="a .npz, a dataset name, a folder of PNG/JPEG images or .npy volumes, "
+                        "or DICOM / NIfTI scans")
     p.add_argument("--split", choices=("train", "val", "test"), default="test",
                    help="split of a .npz or dataset (default test)")
     p.add_argument("--out", required=True, metavar="FILE.csv", help="the CSV to write")
