@@ -8,10 +8,11 @@ Importing cnnfast is cheap: NumPy only. Kernel paths (Numba, CuPy) load on first
 
 from cnnfast import functional, nn, optim
 from cnnfast._version import __version__
+from cnnfast.autograd import enable_grad, is_grad_enabled, no_grad
 from cnnfast.dispatch import cpu_path, cuda_available, get_cpu_path, set_cpu_path
 from cnnfast.dlpack import from_dlpack
 from cnnfast.rng import manual_seed
-from cnnfast.tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
+from cnnfast.tensor import Tensor, tensor
 
 
 def export_onnx(model, path, input_shape, **kwargs):

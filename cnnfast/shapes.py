@@ -80,7 +80,10 @@ def avg_pool_divisor(size: Ints, kernel: Ints, stride: Ints, padding: Ints, out:
 
 
 def ntuple(value, nd: int, op: str, name: str, minimum: int) -> tuple[int, ...]:
-    """An int or a length-``nd`` sequence of ints, each >= ``minimum``, as a tuple."""
+    """An int, a length-``nd`` sequence of ints or a 1-sequence (PyTorch spreads it over every
+    axis), each >= ``minimum``, as a tuple."""
+    if isinstance(value, Sequence) and len(value) == 1 and nd != 1:
+        value = value[0]
     if isinstance(value, Integral) and not isinstance(value, bool):
         values = (int(value),) * nd
     elif (isinstance(value, Sequence) and len(value) == nd

@@ -14,42 +14,15 @@ pooling, batch norm, losses) live in :mod:`cnnfast.functional`.
 
 from __future__ import annotations
 
-import contextlib
-import threading
+import operator
 from typing import Any
 
 import numpy as np
 
 from cnnfast import dispatch
+from cnnfast.autograd import is_grad_enabled, topological_order, unbroadcast
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-_state = threading.local()
-
-
-def is_grad_enabled() -> bool:
-    return getattr(_state, "grad_enabled", True)
-
-
-@contextlib.contextmanager
-def no_grad():
-    """Within the block, ops record no graph (for evaluation and optimizer updates)."""
-    previous = is_grad_enabled()
-    _state.grad_enabled = False
-    try:
-        yield
-    finally:
-        _state.grad_enabled = previous
-
-
-@contextlib.contextmanager
-def enable_grad():
-    previous = is_grad_enabled()
-    _state.grad_enabled = True
-    try:
-        yield
-    finally:
-        _state.grad_enabled = previous
 
 
 class Tensor:
@@ -196,7 +169,7 @@ class Tensor:
             grad_data = grad_data.astype(self.dtype, copy=False)
 
         grads: dict[int, Any] = {id(self): grad_data}
-        for node in reversed(_topological_order(self)):
+        for node in reversed(topological_order(self)):
             g = grads.pop(id(node), None)
             if g is None:
                 continue
@@ -272,10 +245,35 @@ class Tensor:
     def __neg__(self):
         return Neg().apply(self)
 
-    def __pow__(self, exponent: float):
-        if isinstance(exponent, Tensor):
-            raise TypeError("pow: only a Python number exponent is supported")
+    def __pow__(self, exponent):
+        if isinstance(exponent, Tensor) or np.ndim(exponent):
+            return PowTensor().apply(self, self._operand(exponent))
         return Pow(float(exponent)).apply(self)
+
+    def __rpow__(self, base):
+        return PowTensor().apply(self._operand(base), self)
+
+    # PyTorch's method spellings of the operators
+    def add(self, other, alpha: float = 1):
+        """``self + alpha * other``."""
+        return self + (other if alpha == 1 else self._operand(other) * alpha)
+
+    def sub(self, other, alpha: float = 1):
+        """``self - alpha * other``."""
+        return self - (other if alpha == 1 else self._operand(other) * alpha)
+
+    def div(self, other, rounding_mode: str | None = None):
+        """``self / other``; ``rounding_mode`` ``'trunc'`` or ``'floor'`` rounds the quotient
+        (a step function: no gradient, as PyTorch's is zero)."""
+        if rounding_mode is None:
+            return self / other
+        if rounding_mode not in ("trunc", "floor"):
+            raise ValueError(f"div: rounding_mode must be None, 'trunc' or 'floor', "
+                             f"got {rounding_mode!r}")
+        q = (self / other).data
+        return Tensor(self.xp.trunc(q) if rounding_mode == "trunc" else self.xp.floor(q),
+                      device=self.device)
+
 
     def __matmul__(self, other):
         return MatMul().apply(self, self._operand(other))
@@ -283,21 +281,23 @@ class Tensor:
     def __rmatmul__(self, other):
         return MatMul().apply(self._operand(other), self)
 
+    mul, pow, matmul = __mul__, __pow__, __matmul__
+
     def _compare(self, other, op) -> Tensor:
         other = other.data if isinstance(other, Tensor) else other
         return Tensor(op(self.data, other), device=self.device)
 
     def __gt__(self, other):
-        return self._compare(other, lambda a, b: a > b)
+        return self._compare(other, operator.gt)
 
     def __lt__(self, other):
-        return self._compare(other, lambda a, b: a < b)
+        return self._compare(other, operator.lt)
 
     def __ge__(self, other):
-        return self._compare(other, lambda a, b: a >= b)
+        return self._compare(other, operator.ge)
 
     def __le__(self, other):
-        return self._compare(other, lambda a, b: a <= b)
+        return self._compare(other, operator.le)
 
     __hash__ = object.__hash__
 
@@ -310,13 +310,18 @@ class Tensor:
     def sigmoid(self):
         return Sigmoid().apply(self)
 
-    def sum(self, axis=None, keepdims: bool = False):
-        return Sum(_normalize_axis(axis, self.ndim), keepdims).apply(self)
+    def sum(self, dim=None, keepdim: bool = False, *, axis=None, keepdims: bool | None = None):
+        """Sum over ``dim`` (an int, a tuple, or None / ``()`` for all axes, as in PyTorch);
+        NumPy's ``axis``/``keepdims`` spellings are accepted too."""
+        axes = _normalize_axis(dim if axis is None else axis, self.ndim)
+        return Sum(axes, bool(keepdim if keepdims is None else keepdims)).apply(self)
 
-    def mean(self, axis=None, keepdims: bool = False):
-        axes = _normalize_axis(axis, self.ndim)
+    def mean(self, dim=None, keepdim: bool = False, *, axis=None, keepdims: bool | None = None):
+        """Mean over ``dim``; arguments as :meth:`sum`."""
+        axes = _normalize_axis(dim if axis is None else axis, self.ndim)
         count = int(np.prod([self.shape[a] for a in axes])) if axes else 1
-        return self.sum(axis=axes, keepdims=keepdims) * (1.0 / max(count, 1))
+        keep = bool(keepdim if keepdims is None else keepdims)
+        return self.sum(axes, keep) * (1.0 / count if count else float("nan"))
 
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -368,16 +373,14 @@ class Tensor:
 
 
 def _normalize_axis(axis, ndim: int) -> tuple[int, ...]:
-    if axis is None:
+    """Reduction axes as sorted non-negative ints: None and ``()`` mean every axis (PyTorch);
+    a 0-d tensor takes axis 0 or -1 (and reduces over nothing)."""
+    if axis is None or (isinstance(axis, (tuple, list)) and not axis):
         return tuple(range(ndim))
-    if isinstance(axis, int):
+    if isinstance(axis, (int, np.integer)):
         axis = (axis,)
-    out = []
-    for a in axis:
-        if not -ndim <= a < ndim:
-            raise ValueError(f"axis {a} is out of range for a tensor of rank {ndim}")
-        out.append(a % ndim)
-    return tuple(sorted(set(out)))
+    out = {_wrap_axis(a, ndim, "sum") for a in axis}
+    return tuple(sorted(out)) if ndim else ()
 
 
 def _wrap_axis(axis, ndim: int, op: str) -> int:
@@ -388,27 +391,6 @@ def _wrap_axis(axis, ndim: int, op: str) -> int:
             or not -rank <= axis < rank):
         raise ValueError(f"{op}: axis {axis!r} is out of range for a tensor of rank {ndim}")
     return int(axis) % rank if ndim else 0
-
-
-def _topological_order(root: Tensor) -> list[Tensor]:
-    """Nodes reachable from ``root``, each after all of its inputs (iterative DFS)."""
-    order: list[Tensor] = []
-    visited: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(root, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
-            continue
-        if id(node) in visited:
-            continue
-        visited.add(id(node))
-        stack.append((node, True))
-        if node._ctx is not None:
-            for inp in node._ctx.inputs:
-                if inp is not None and inp.requires_grad and id(inp) not in visited:
-                    stack.append((inp, False))
-    return order
 
 
 def as_tensor(x, device: str | None = None, name: str = "input") -> Tensor:
@@ -487,19 +469,6 @@ class Function:
 
     def backward(self, gy):
         raise NotImplementedError
-
-
-def unbroadcast(g, shape: tuple[int, ...]):
-    """Sum ``g`` down to ``shape`` (undoing NumPy broadcasting)."""
-    if tuple(g.shape) == tuple(shape):
-        return g
-    extra = g.ndim - len(shape)
-    if extra > 0:
-        g = g.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, s in enumerate(shape) if s == 1 and g.shape[i] != 1)
-    if axes:
-        g = g.sum(axis=axes, keepdims=True)
-    return g.reshape(shape)
 
 
 class Convert(Function):
@@ -587,6 +556,29 @@ class Pow(Function):
         return gy * self.exponent * self.a ** (self.exponent - 1)
 
 
+class PowTensor(Function):
+    """``a ** b`` for a tensor exponent (broadcast); d/db is ``a ** b * log(a)``, taken as 0
+    where ``a == 0`` and ``b >= 0`` (PyTorch's convention)."""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        self.y = a ** b
+        return self.y
+
+    def backward(self, gy):
+        xp = dispatch.array_xp(gy)
+        a, b = self.a, self.b
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            ga = unbroadcast(gy * b * a ** (b - 1), a.shape)
+        if self.needs_input_grad[1]:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                d = self.y * xp.log(a)
+            d = xp.where((a == 0) & (b >= 0), 0, d)
+            gb = unbroadcast(gy * d, b.shape)
+        return ga, gb
+
+
 class Exp(Function):
     def forward(self, a):
         self.y = dispatch.array_xp(a).exp(a)
@@ -616,18 +608,30 @@ class Sigmoid(Function):
 
 
 class MatMul(Function):
+    """NumPy's and PyTorch's matmul: 1-D operands are vectors, leading axes broadcast."""
+
     def forward(self, a, b):
-        if a.ndim != 2 or b.ndim != 2:
-            raise ValueError(f"matmul: expected 2-D operands, got shapes {a.shape} and {b.shape}")
-        if a.shape[1] != b.shape[0]:
+        if a.ndim == 0 or b.ndim == 0:
+            raise ValueError(f"matmul: operands must be at least 1-D, got shapes {a.shape} and "
+                             f"{b.shape}")
+        if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
             raise ValueError(f"matmul: inner sizes differ, shapes {a.shape} and {b.shape}")
-        self.a = a if self.needs_input_grad[1] else None
-        self.b = b if self.needs_input_grad[0] else None
+        self.a, self.b = a, b
         return a @ b
 
     def backward(self, gy):
-        return (gy @ self.b.T if self.needs_input_grad[0] else None,
-                self.a.T @ gy if self.needs_input_grad[1] else None)
+        xp = dispatch.array_xp(gy)
+        a, b = self.a, self.b
+        a2 = a[None, :] if a.ndim == 1 else a  # (.., M, K)
+        b2 = b[:, None] if b.ndim == 1 else b  # (.., K, P)
+        g = xp.expand_dims(gy, -1) if b.ndim == 1 else gy
+        g = xp.expand_dims(g, -2) if a.ndim == 1 else g  # (.., M, P)
+        ga = gb = None
+        if self.needs_input_grad[0]:
+            ga = unbroadcast(g @ xp.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)
+        if self.needs_input_grad[1]:
+            gb = unbroadcast(xp.swapaxes(a2, -1, -2) @ g, b2.shape).reshape(b.shape)
+        return ga, gb
 
 
 class Sum(Function):

@@ -158,7 +158,8 @@ def test_bce_with_logits_matches_torch(path, pos_weight, rng):
     target = (rng.random((4, 3)) > 0.5).astype(np.float32)
     pw = None if pos_weight is None else np.array(pos_weight, np.float32)
     compare_with_torch(
-        lambda z: F.binary_cross_entropy_with_logits(z, cnnfast.tensor(target, device=path), pw),
+        lambda z: F.binary_cross_entropy_with_logits(z, cnnfast.tensor(target, device=path),
+                                                    pos_weight=pw),
         lambda z: t.nn.functional.binary_cross_entropy_with_logits(
             z, t.tensor(target), pos_weight=None if pw is None else t.tensor(pw)),
         [rng.standard_normal((4, 3)) * 3], path)
@@ -230,7 +231,7 @@ def _x(*shape, dtype=np.float32):
 
 
 @pytest.mark.parametrize("call,error,words", [
-    (lambda: F.conv2d(_x(1, 2, 5), _x(3, 2, 3, 3)), ValueError, ["4-D", "(1, 2, 5)"]),
+    (lambda: F.conv2d(_x(2, 5), _x(3, 2, 3, 3)), ValueError, ["4-D", "3-D unbatched", "(2, 5)"]),
     (lambda: F.conv2d(_x(1, 2, 5, 5), _x(3, 3, 3, 3)), ValueError, ["2 channels", "expects 3"]),
     (lambda: F.conv2d(_x(1, 4, 5, 5), _x(3, 2, 3, 3), groups=2), ValueError, ["groups=2"]),
     (lambda: F.conv2d(_x(1, 2, 5, 5, dtype=np.int32), _x(3, 2, 3, 3)), TypeError, ["int32"]),
@@ -241,7 +242,7 @@ def _x(*shape, dtype=np.float32):
      ["padding", "tuple of 2"]),
     (lambda: F.conv2d(_x(1, 2, 5, 5), _x(3, 2, 3, 3), _x(4)), ValueError, ["bias", "(3,)"]),
     (lambda: F.conv2d(_x(1, 2, 5, 5), _x(3, 2, 3, 3, dtype=np.float64)), TypeError, ["float64"]),
-    (lambda: F.conv3d(_x(1, 2, 5, 5), _x(3, 2, 3, 3, 3)), ValueError, ["5-D"]),
+    (lambda: F.conv3d(_x(2, 5, 5), _x(3, 2, 3, 3, 3)), ValueError, ["5-D"]),
     (lambda: F.max_pool2d(_x(1, 1, 4, 4), 5), ValueError, ["larger than the padded"]),
     (lambda: F.max_pool2d(_x(1, 1, 4, 4), 2, padding=2), ValueError, ["at most half"]),
     (lambda: F.avg_pool3d(_x(1, 1, 4, 4, 4), 2, stride=0), ValueError, ["stride"]),

@@ -164,9 +164,12 @@ def test_modules_take_torch_arguments(rng):
     (lambda x: F.avg_pool2d(x, 2, count_include_pad=None), "count_include_pad must be a bool"),
     (lambda x: F.avg_pool2d(x, 7), "too small"),
     (lambda x: F.pad(x, (1, 2, 3)), "even number"),
-    (lambda x: F.pad(x, (1, 1), mode="reflect"), "constant"),
+    (lambda x: F.pad(x, (1, 1), mode="wrap"), "mode must be one of"),
+    (lambda x: F.pad(x, (1, 1), mode="reflect"), "pads the last 1-3 axes of a 2-D or 3-D"),
+    (lambda x: F.pad(x, (6, 0, 0, 0), mode="reflect"), "amount <= 5"),
+    (lambda x: F.pad(x, (1, 1, 1, 1), mode="replicate", value=2.0), "to mode 'constant' only"),
     (lambda x: F.pad(x, (1, 1) * 5), "pads 5 axes"),
-    (lambda x: F.pad(x, (-3, -3)), "size 0"),
+    (lambda x: F.pad(x, (-4, -4)), "with size -2"),
     (lambda x: F.pad(x, (1, 1), value="a"), "value must be a number"),
 ])
 def test_bad_arguments_are_refused(call, message):

@@ -33,6 +33,27 @@ def check_same(op: str, reference: Tensor, ref_name: str, **others: Tensor | Non
                             f"{reference.dtype}; use one dtype")
 
 
+def batched(x: Tensor, nd: int, op: str) -> tuple[Tensor, bool]:
+    """``x`` as a batch ``(N, C, *spatial)`` and whether it came unbatched ``(C, *spatial)``
+    (PyTorch's convention: a batch of one, dropped again from the result)."""
+    if x.ndim == nd + 1:
+        return x.reshape((1,) + x.shape), True
+    if x.ndim != nd + 2:
+        raise ValueError(f"{op}: input must be {nd + 2}-D {SPATIAL[nd]} or {nd + 1}-D "
+                         f"unbatched {SPATIAL[nd].replace('N, ', '')}, got shape {x.shape}")
+    return x, False
+
+
+def unbatched(y, was_unbatched: bool):
+    """The result of an op on :func:`batched` input, without the batch axis it added (a tuple
+    of results each)."""
+    if not was_unbatched:
+        return y
+    if isinstance(y, tuple):
+        return tuple(t.reshape(t.shape[1:]) for t in y)
+    return y.reshape(y.shape[1:])
+
+
 def check_rank(x: Tensor, nd: int, op: str, name: str = "input") -> None:
     if x.ndim != nd + 2:
         raise ValueError(f"{op}: {name} must be {nd + 2}-D {SPATIAL[nd]}, got shape {x.shape}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from numbers import Integral
 
 from cnnfast import dispatch
-from cnnfast.functional.checks import IntOrTuple, check_rank, check_same, float_tensor
+from cnnfast.functional.checks import IntOrTuple, batched, check_same, float_tensor, unbatched
+from cnnfast.functional.pad import on_empty_batch, pad
 from cnnfast.shapes import ntuple
 from cnnfast.tensor import Function, Tensor
 
@@ -42,19 +43,27 @@ class Conv(Function):
 
 def _conv(nd: int, x, weight, bias, stride, padding, dilation, groups,
           relu: bool = False) -> Tensor:
-    """conv2d / conv3d; ``relu=True`` applies a ReLU to the output in the same op."""
+    """conv2d / conv3d; ``relu=True`` applies a ReLU to the output in the same op.
+    ``padding`` may be ``'valid'`` (none) or ``'same'`` (stride 1: the output keeps the input's
+    size; an odd total padding puts the extra row on the right, by padding the input first, as
+    PyTorch does)."""
     op = f"conv{nd}d"
     x = float_tensor(x, op, "input")
     weight = float_tensor(weight, op, "weight", device=x.device)
     bias = None if bias is None else float_tensor(bias, op, "bias", device=x.device)
-    check_rank(x, nd, op)
+    x, was_unbatched = batched(x, nd, op)
     if weight.ndim != nd + 2:
         raise ValueError(f"{op}: weight must be {nd + 2}-D (K, C/groups, *kernel), "
                          f"got shape {weight.shape}")
     check_same(op, x, "input", weight=weight, bias=bias)
     stride = ntuple(stride, nd, op, "stride", 1)
-    padding = ntuple(padding, nd, op, "padding", 0)
     dilation = ntuple(dilation, nd, op, "dilation", 1)
+    if isinstance(padding, str):
+        if weight.ndim != nd + 2:
+            raise ValueError(f"{op}: weight must be {nd + 2}-D (K, C/groups, *kernel), "
+                             f"got shape {weight.shape}")
+        x, padding = _string_padding(op, x, padding, weight.shape[2:], stride, dilation)
+    padding = ntuple(padding, nd, op, "padding", 0)
     if not isinstance(groups, Integral) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
     C, K = x.shape[1], weight.shape[0]
@@ -72,9 +81,31 @@ def _conv(nd: int, x, weight, bias, stride, padding, dilation, groups,
             raise ValueError(f"{op}: kernel {tuple(kernel)} (dilation {dilation}) is larger than "
                              f"the padded input "
                              f"{tuple(s + 2 * p for s, p in zip(spatial, padding))}")
+    conv = Conv(stride, padding, dilation, int(groups), bool(relu))
     if x.shape[0] == 0:
-        raise ValueError(f"{op}: input has an empty batch (shape {x.shape})")
-    return Conv(stride, padding, dilation, int(groups), bool(relu)).apply(x, weight, bias)
+        return unbatched(on_empty_batch(lambda one: conv.apply(one, weight, bias), x),
+                         was_unbatched)
+    return unbatched(conv.apply(x, weight, bias), was_unbatched)
+
+
+def _string_padding(op: str, x: Tensor, padding: str, kernel, stride, dilation):
+    """(input, padding) for ``padding='valid'`` or ``'same'``."""
+    if padding == "valid":
+        return x, 0
+    if padding != "same":
+        raise ValueError(f"{op}: padding must be an int, a tuple of ints, 'valid' or 'same', "
+                         f"got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ValueError(f"{op}: padding='same' needs stride 1, got stride {stride}")
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    left = tuple(t // 2 for t in totals)
+    extra = [t - 2 * lo for t, lo in zip(totals, left)]  # 1 where the total is odd
+    if any(extra):
+        amounts = []
+        for e in reversed(extra):  # F.pad lists the last axis first
+            amounts += [0, e]
+        x = pad(x, amounts)
+    return x, left
 
 
 def conv2d(x, weight, bias=None, stride: IntOrTuple = 1, padding: IntOrTuple = 0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from cnnfast import dispatch
 from cnnfast.functional.checks import check_same, float_tensor
 from cnnfast.tensor import Function, Tensor
@@ -101,9 +103,12 @@ def _batch_norm(x, running_mean, running_var, weight=None, bias=None, training: 
     """:func:`batch_norm`; ``relu=True`` applies a ReLU to the output in the same op."""
     op = "batch_norm"
     x = float_tensor(x, op, "input")
-    if x.ndim not in (4, 5):
-        raise ValueError(f"{op}: input must be 4-D (N, C, H, W) or 5-D (N, C, D, H, W), "
-                         f"got shape {x.shape}")
+    if x.ndim not in (2, 3, 4, 5):
+        raise ValueError(f"{op}: input must be 2-D (N, C), 3-D (N, C, L), 4-D (N, C, H, W) or "
+                         f"5-D (N, C, D, H, W), got shape {x.shape}")
+    shape = x.shape
+    if x.ndim < 4:  # (N, C) and (N, C, L) run as (N, C, L, 1)
+        x = x.reshape(shape[:2] + (int(np.prod(shape[2:])), 1))
     C = x.shape[1]
     xp = x.xp
     gamma = (float_tensor(weight, op, "weight", device=x.device) if weight is not None
@@ -125,9 +130,9 @@ def _batch_norm(x, running_mean, running_var, weight=None, bias=None, training: 
         if x.size // C <= 1:
             raise ValueError(f"{op}: training needs more than one value per channel, got input "
                              f"shape {x.shape}")
-        return BatchNormTrain(rm, rv, float(momentum), float(eps), bool(relu)).apply(x, gamma,
-                                                                                  beta)
+        fn = BatchNormTrain(rm, rv, float(momentum), float(eps), bool(relu))
+        return fn.apply(x, gamma, beta).reshape(shape)
     if rm is None:
         raise ValueError(f"{op}: evaluation mode (training=False) needs running_mean and "
                          f"running_var")
-    return BatchNormEval(rm, rv, float(eps), bool(relu)).apply(x, gamma, beta)
+    return BatchNormEval(rm, rv, float(eps), bool(relu)).apply(x, gamma, beta).reshape(shape)

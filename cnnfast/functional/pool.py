@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from cnnfast import dispatch
-from cnnfast.functional.checks import IntOrTuple, check_rank, float_tensor, int_arg
+from cnnfast.functional.checks import IntOrTuple, batched, float_tensor, int_arg, unbatched
+from cnnfast.functional.pad import on_empty_batch
 from cnnfast.shapes import ntuple, output_size
 from cnnfast.tensor import Function, Tensor
 
@@ -50,11 +51,12 @@ class AvgPool(Function):
 def _pool_geometry(nd: int, op: str, x, kernel_size, stride, padding, dilation, ceil_mode):
     """Checked (x, kernel, stride, padding, dilation, ceil_mode) of a pooling call, with
     PyTorch's rules: positive kernel, stride and dilation, padding at most half the kernel, and
-    at least one output along every axis."""
-    x = float_tensor(x, op, "input")
-    check_rank(x, nd, op)
+    at least one output along every axis. ``x`` comes back batched, with whether it was not
+    (:func:`~cnnfast.functional.checks.batched`); ``stride`` None or ``()`` is the kernel."""
+    x, was_unbatched = batched(float_tensor(x, op, "input"), nd, op)
     kernel = ntuple(kernel_size, nd, op, "kernel_size", 1)
-    stride = kernel if stride is None else ntuple(stride, nd, op, "stride", 1)
+    empty = stride is None or (isinstance(stride, (tuple, list)) and not stride)
+    stride = kernel if empty else ntuple(stride, nd, op, "stride", 1)
     padding = ntuple(padding, nd, op, "padding", 0)
     dilation = ntuple(dilation, nd, op, "dilation", 1)
     if not isinstance(ceil_mode, (bool, np.bool_)):
@@ -66,21 +68,28 @@ def _pool_geometry(nd: int, op: str, x, kernel_size, stride, padding, dilation, 
         raise ValueError(f"{op}: kernel_size {kernel} (dilation {dilation}) is larger than the "
                          f"padded input {tuple(s + 2 * p for s, p in zip(x.shape[2:], padding))}"
                          f": output size {out} is too small")
-    return x, kernel, stride, padding, dilation, bool(ceil_mode)
+    return x, was_unbatched, kernel, stride, padding, dilation, bool(ceil_mode)
+
+
+def _run(fn, x: Tensor, was_unbatched: bool):
+    """``fn(x)`` without the batch axis :func:`batched` added; a batch of 0 is run on one."""
+    y = on_empty_batch(fn, x) if x.shape[0] == 0 else fn(x)
+    return unbatched(y, was_unbatched)
 
 
 def _max_pool(nd: int, x, kernel_size, stride, padding, dilation, ceil_mode, return_indices):
     op = f"max_pool{nd}d"
-    x, kernel, stride, padding, dilation, ceil_mode = _pool_geometry(
+    x, was_unbatched, kernel, stride, padding, dilation, ceil_mode = _pool_geometry(
         nd, op, x, kernel_size, stride, padding, dilation, ceil_mode)
-    y, indices = MaxPool(kernel, stride, padding, dilation, ceil_mode).apply(x)
+    pool = MaxPool(kernel, stride, padding, dilation, ceil_mode)
+    y, indices = _run(pool.apply, x, was_unbatched)
     return (y, indices) if return_indices else y
 
 
 def _avg_pool(nd: int, x, kernel_size, stride, padding, ceil_mode, count_include_pad,
               divisor_override) -> Tensor:
     op = f"avg_pool{nd}d"
-    x, kernel, stride, padding, _, ceil_mode = _pool_geometry(
+    x, was_unbatched, kernel, stride, padding, _, ceil_mode = _pool_geometry(
         nd, op, x, kernel_size, stride, padding, 1, ceil_mode)
     if not isinstance(count_include_pad, (bool, np.bool_)):
         raise TypeError(f"{op}: count_include_pad must be a bool, got {count_include_pad!r}")
@@ -88,8 +97,9 @@ def _avg_pool(nd: int, x, kernel_size, stride, padding, ceil_mode, count_include
         divisor_override = int_arg(divisor_override, op, "divisor_override")
         if divisor_override == 0:
             raise ValueError(f"{op}: divisor_override must not be zero")
-    return AvgPool(kernel, stride, padding, ceil_mode, bool(count_include_pad),
-                   divisor_override).apply(x)
+    pool = AvgPool(kernel, stride, padding, ceil_mode, bool(count_include_pad),
+                   divisor_override)
+    return _run(pool.apply, x, was_unbatched)
 
 
 def max_pool2d(x, kernel_size: IntOrTuple, stride: IntOrTuple | None = None,
@@ -147,10 +157,12 @@ class AdaptiveAvgPool(Function):
 
 def _adaptive(nd: int, x, output_size) -> Tensor:
     op = f"adaptive_avg_pool{nd}d"
-    x = float_tensor(x, op, "input")
-    check_rank(x, nd, op)
+    x, was_unbatched = batched(float_tensor(x, op, "input"), nd, op)
+    if isinstance(output_size, (tuple, list)) and len(output_size) == nd:
+        # None keeps the input's size along that axis (PyTorch)
+        output_size = tuple(s if o is None else o for o, s in zip(output_size, x.shape[2:]))
     size = ntuple(output_size, nd, op, "output_size", 1)
-    return AdaptiveAvgPool(size).apply(x)
+    return _run(AdaptiveAvgPool(size).apply, x, was_unbatched)
 
 
 def adaptive_avg_pool2d(x, output_size: IntOrTuple) -> Tensor:
