@@ -92,7 +92,7 @@ COUNTERPARTS = {
     ("nn.functional.adaptive_avg_pool3d", ""): F.adaptive_avg_pool3d,
 }
 
-TOLERANCES = {np.float64: dict(rtol=1e-7, atol=1e-9), np.float32: dict(rtol=2e-4, atol=2e-5)}
+TOLERANCES = {np.float64: {"rtol": 1e-7, "atol": 1e-9}, np.float32: {"rtol": 2e-4, "atol": 2e-5}}
 
 # (device, cpu path) of each path name
 PATHS = {"reference": ("cpu", "reference"), "cpu": ("cpu", "fast"), "cuda": ("cuda", "fast")}
