@@ -15,6 +15,9 @@
 #   bench      (d) training steps and conv forward / backward-data / backward-weight per layer
 #                  vs PyTorch + cuDNN (TF32 off and on), host microseconds per launch
 # then a summary (OUT_DIR/summary.json) and the exit status: 0 when every step passed.
+# To fit a short GPU lease: GPU_CHECK_{SUITE,OPS,SANITIZER,BENCH}_SECONDS set the step limits,
+# GPU_CHECK_SANITIZERS the tools to run ("memcheck racecheck"), GPU_CHECK_BENCH_ARGS=--full adds
+# the larger layer sets to the bench.
 # Runs from the working tree (no install): PYTHONPATH points at the repository.
 set -uo pipefail
 
@@ -97,14 +100,18 @@ fi
 suite_pid=$!
 
 (
-    run ops 150 "$py" benchmarks/gpu_check.py ops "$out" "${flags[@]}"
+    run ops "${GPU_CHECK_OPS_SECONDS:-150}" "$py" benchmarks/gpu_check.py ops "$out" "${flags[@]}"
     if [ "$sim" -eq 1 ]; then
         run step 120 "$py" benchmarks/gpu_check.py step "$out" --sim
         skip memcheck "the simulator has no device code to check"
         skip racecheck "the simulator has no device code to check"
     elif command -v compute-sanitizer >/dev/null 2>&1; then
         for tool in memcheck racecheck; do
-            run "$tool" 100 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+            case " ${GPU_CHECK_SANITIZERS:-memcheck racecheck} " in
+                *" $tool "*) ;;
+                *) skip "$tool" "not asked for (GPU_CHECK_SANITIZERS)"; continue ;;
+            esac
+            run "$tool" "${GPU_CHECK_SANITIZER_SECONDS:-100}" compute-sanitizer --tool "$tool" --error-exitcode 3 \
                 "$py" benchmarks/gpu_check.py step "$out"
         done
     else
