@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import glob
 import importlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -103,6 +104,30 @@ def _blas() -> str:
         return f"unknown ({exc})"
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(2, 5, 2) of '2.5.2', '2.5.2rc1' or '2.5.2+local': the leading release numbers."""
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def numpy_conflict(numba_cuda_version: str, numpy_version: str) -> str | None:
+    """Advice when this numba-cuda cannot compile a kernel with this NumPy, else None.
+
+    numba-cuda up to 0.30.4 registers an overload of ``np.row_stack``, which NumPy 2.5 removed:
+    the first kernel compilation then fails with "module 'numpy' has no attribute 'row_stack'"
+    (seen on an H200 machine whose image paired numba-cuda 0.30.4 with NumPy 2.5.2)."""
+    if _release(numba_cuda_version) <= (0, 30, 4) and _release(numpy_version) >= (2, 5):
+        return (f"numba-cuda {numba_cuda_version} cannot compile CUDA kernels with NumPy "
+                f"{numpy_version} (it overloads np.row_stack, removed in NumPy 2.5): "
+                "pip install 'numpy<2.5'")
+    return None
+
+
 def environment() -> tuple[list[tuple[str, str]], list[str]]:
     """([(item, value)], [advice lines]) describing this machine for cnnfast."""
     import numpy as np
@@ -121,6 +146,10 @@ def environment() -> tuple[list[tuple[str, str]], list[str]]:
     rows.append(("blas", _blas()))
     if versions["numba-cuda"] is None:
         advice.append("numba-cuda is missing: pip install 'cnnfast[cuda12]' or 'cnnfast[cuda13]'")
+    else:
+        conflict = numpy_conflict(versions["numba-cuda"], np.__version__)
+        if conflict:
+            advice.append(conflict)
 
     driver, cuda_version = _driver_cuda_version()
     if driver is None:

@@ -52,6 +52,20 @@ def test_doctor_advice_names_the_fix(monkeypatch, driver, cupy, expected):
     assert any(expected in line for line in advice), advice
 
 
+@pytest.mark.parametrize("numba_cuda, numpy, conflict", [
+    ("0.30.4", "2.5.2", True),      # the H200 image of 2026-12-04: the first compile failed
+    ("0.30.4", "2.5.0rc1", True),
+    ("0.30.4", "2.4.6", False),     # what pip resolves with cnnfast's extras
+    ("0.31.0", "2.5.2", False),
+    ("0.30.4", "3.0.0+local", True),
+])
+def test_doctor_names_the_numpy_numba_cuda_conflict(numba_cuda, numpy, conflict):
+    advice = doctor.numpy_conflict(numba_cuda, numpy)
+    assert (advice is not None) == conflict
+    if conflict:
+        assert "numpy<2.5" in advice and numpy in advice and numba_cuda in advice
+
+
 def test_doctor_flags_belong_to_compile(capsys):
     with pytest.raises(SystemExit):
         cli.main(["doctor", "--json", "x.json"])

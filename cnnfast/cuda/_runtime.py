@@ -169,8 +169,10 @@ def _as_kernel_arg(a, like):
         # as one small int64 array, copied once per value and device. Kernels unpack it alike.
         if not all(isinstance(v, (int, np.integer)) for v in a):
             raise TypeError(f"a tuple kernel argument must hold ints, got {a!r}")
-        return cached_table(("tuple",) + tuple(int(v) for v in a),
-                            lambda: np.array(a, dtype=np.int64), like)
+        # The table is a CuPy array on a GPU: it takes the conversion below like any other
+        # (passed raw, Numba's launch path and count_launches' typing would each meet CuPy).
+        values = tuple(int(v) for v in a)
+        a = cached_table(("tuple",) + values, lambda: np.array(values, dtype=np.int64), like)
     if is_cupy_array(a):
         # CuPy's stream is the launch stream, so Numba need not synchronise on it.
         return cuda.as_cuda_array(a, sync=False)
