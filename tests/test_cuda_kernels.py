@@ -72,6 +72,12 @@ CONV_CASES = {
     "3d-plain": ConvCase((1, 2, 4, 5, 3), (3, 2, 2, 3, 2), (1, 1, 1), (0, 0, 0), (1, 1, 1), 1),
     "3d-stride-pad-dil-groups2": ConvCase((2, 4, 4, 5, 4), (4, 2, 3, 2, 2), (2, 1, 2), (1, 0, 1),
                                           (1, 2, 1), 2),
+    # backward data's stride phases: dilation 2 at stride 2 leaves whole phases without a tap
+    # (their gradient is 0), and a depth of 1 at stride 2 leaves a phase without positions
+    "2d-stride2-dilation2-tapless-phases": ConvCase((1, 2, 7, 6), (3, 2, 3, 2), (2, 2), (1, 2),
+                                                    (2, 2), 1),
+    "3d-depth1-stride2": ConvCase((2, 2, 1, 5, 4), (2, 2, 1, 3, 3), (2, 2, 2), (0, 1, 1),
+                                  (1, 1, 1), 1),
 }
 FLOAT64_CASES = ["2d-batch1-stride2-pad1-nonsquare", "3d-stride-pad-dil-groups2"]
 
@@ -92,6 +98,32 @@ def _conv_check(case: ConvCase, dtype, seed: int = 0) -> None:
     assert_close(gw, ref_conv.conv_backward_weight(gy, x, w.shape, *case.args),
                  name="conv_backward_weight")
     assert gx.dtype == dtype and gw.dtype == dtype
+
+
+@pytest.mark.parametrize("case_id", list(CONV_CASES))
+def test_backward_data_phases_list_exactly_the_taps_that_reach(case_id):
+    """Each stride phase's taps, against brute force: input d meets output od through tap kd
+    when od * SD + kd * DD == d + PD; the phases cover every input position once."""
+    case = CONV_CASES[case_id]
+    geo = conv._geometry(case.x_shape, case.w_shape, *case.args)
+    axes = ((geo.D, geo.KD, geo.SD, geo.PD, geo.DD, geo.OD), (geo.H, geo.KH, geo.SH, geo.PH,
+            geo.DH, geo.OH), (geo.W, geo.KW, geo.SW, geo.PW, geo.DW, geo.OW))
+    phases = conv._stride_phases(geo)
+    assert len(phases) == geo.SD * geo.SH * geo.SW
+    covered = []
+    for phase in phases:
+        for (first, count, taps), (size, ks, st, pad, dil, out) in zip(phase, axes):
+            positions = range(first, size, st)
+            assert count == len(positions)
+            for d in positions:
+                reach = {(k, (d + pad - k * dil) // st) for k in range(ks)
+                         if (d + pad - k * dil) % st == 0}
+                assert {(k, (d - first) // st + off) for k, off in taps} == reach
+        covered.append(tuple(tuple(range(f, axis[0], axis[2])) for (f, _, _), axis
+                             in zip(phase, axes)))
+    for axis_index, axis in enumerate(axes):
+        seen = sorted({d for c in covered for d in c[axis_index]})
+        assert seen == list(range(axis[0]))
 
 
 @pytest.mark.parametrize("case_id", list(CONV_CASES))

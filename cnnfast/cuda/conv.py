@@ -21,10 +21,12 @@ the block multiplies the current slice out of shared memory; each thread accumul
 ``tn + j * threads_n``, so shared-memory reads are conflict-free and stores coalesce).
 
 The (c, kd, kh, kw) -> memory offset decoding of a reduction index comes from a small int64 table
-built once per geometry and device (:func:`_x_taps`, :func:`_gy_taps`), so the loaders do no
-integer division, except backward data's stride-divisibility test (skipped at stride 1) and
-backward weight's one output-position decode per thread and slice. Backward data is a gather over
-the output positions each input element feeds (no atomics); backward weight splits its long
+built once per geometry and device (:func:`_x_taps`, :func:`_gy_phase_tables`), so the loaders do
+no integer division, except backward weight's one output-position decode per thread and slice.
+Backward data is a gather over the output positions each input element feeds (no atomics), split
+by stride phase (``gridDim.z``): the input positions d = d0 + i * SD of one phase are reached by
+the same taps, so each phase reduces over those taps alone (at stride 2 a quarter of the taps in
+2D, an eighth in 3D, where a single GEMM would test them all); backward weight splits its long
 reduction over ``gridDim.z`` blocks writing separate partial tiles that a second kernel sums in
 split order, so every result is deterministic. Flat offsets are int64.
 
@@ -55,7 +57,8 @@ _MIN_SLICES_PER_SPLIT = 8
 _MAX_SPLITS = 1024
 
 _X_TAP_COLUMNS = 4  # x offset of (c, kd, kh, kw) from the window corner; kd*DD, kh*DH, kw*DW
-_GY_TAP_COLUMNS = 5  # gy offset k*OSP; kd*DD, kh*DH, kw*DW; w offset of (k, taps) in a group
+_GY_TAP_COLUMNS = 5  # gy offset k*OSP; output offsets along d, h, w; w offset of (k, taps)
+_GY_PHASE_COLUMNS = 8  # first d, h, w; extents along d, h, w; first tap row; reduction length
 
 
 class Geometry(NamedTuple):
@@ -124,24 +127,62 @@ def _x_taps(geo, like):
     return rt.cached_table(("x", cg, KD, KH, KW, DD, DH, DW, D, H, W), build, like)
 
 
-def _gy_taps(geo, like):
-    """Table (Kg * KVOL, 5) int64 for reduction index r = (k, kd, kh, kw) of backward data.
+def _stride_phases(geo) -> list[tuple]:
+    """Backward data's stride phases: [(first input index, count, [(tap, output offset)])] per
+    axis product. An input position d of phase ``d0`` (d = d0 + i * SD) meets output
+    od = i + (d0 + PD - kd*DD) / SD through exactly the taps kd whose kd*DD is congruent to
+    d0 + PD modulo SD; the other taps never reach it. Listing only those, a phase's GEMM has no
+    dead reduction steps: at stride 2 the gather used to test 9 taps (2D) or 27 (3D) to find
+    about 2.25 or 3.4 that count."""
+    axes = []
+    for size, ks, st, pad, dil in ((geo.D, geo.KD, geo.SD, geo.PD, geo.DD),
+                                   (geo.H, geo.KH, geo.SH, geo.PH, geo.DH),
+                                   (geo.W, geo.KW, geo.SW, geo.PW, geo.DW)):
+        phases = []
+        for first in range(st):
+            count = max(0, rt.cdiv(size - first, st))
+            taps = [(k, (first + pad - k * dil) // st) for k in range(ks)
+                    if (first + pad - k * dil) % st == 0]
+            phases.append((first, count, taps))
+        axes.append(phases)
+    return [(pd_, ph_, pw_) for pd_ in axes[0] for ph_ in axes[1] for pw_ in axes[2]]
 
-    Columns: k * OSP (offset of filter k's gy plane), kd*DD, kh*DH, kw*DW, and the offset of
-    w[k, 0, kd, kh, kw] within the group's filters (add c * KVOL for channel c).
-    """
-    KD, KH, KW, DD, DH, DW = geo.KD, geo.KH, geo.KW, geo.DD, geo.DH, geo.DW
-    cg, kg, kvol = geo.C // geo.G, geo.K // geo.G, KD * KH * KW
+
+def _gy_phase_tables(geo, like):
+    """Backward data's two tables for one geometry (built once per geometry and device).
+
+    ``phases`` (P, 8) int64, one row per stride phase: first d, h, w; the phase's extent along
+    d, h, w; its first row in ``taps``; its reduction length. ``taps`` (sum of lengths, 5) int64,
+    the phases' reduction indices r = (k, kd, kh, kw) in that order, only the taps that reach
+    the phase: k * OSP (offset of filter k's gy plane), the output offsets along d, h, w, and the
+    offset of w[k, 0, kd, kh, kw] within the group's filters (add c * KVOL for channel c)."""
+    KH, KW = geo.KH, geo.KW
+    cg, kg = geo.C // geo.G, geo.K // geo.G
+    kvol = geo.KD * KH * KW
     osp = geo.OD * geo.OH * geo.OW
+    key = tuple(geo[1:])  # everything but the batch: N only scales the rows
 
-    def build():
-        k, kd, kh, kw = np.meshgrid(np.arange(kg), np.arange(KD), np.arange(KH), np.arange(KW),
-                                    indexing="ij")
-        w_off = k * (cg * kvol) + (kd * KH + kh) * KW + kw
-        return np.stack([k * osp, kd * DD, kh * DH, kw * DW, w_off], axis=-1).reshape(-1).astype(
-            np.int64)
+    def build_phases():
+        rows, start = [], 0
+        for (d0, nd, td), (h0, nh, th), (w0, nw, tw) in _stride_phases(geo):
+            length = kg * len(td) * len(th) * len(tw)
+            rows.append([d0, h0, w0, nd, nh, nw, start, length])
+            start += length
+        return np.array(rows, dtype=np.int64).reshape(-1)
 
-    return rt.cached_table(("gy", cg, kg, KD, KH, KW, DD, DH, DW, osp), build, like)
+    def build_taps():
+        rows = []
+        for (_, _, td), (_, _, th), (_, _, tw) in _stride_phases(geo):
+            for k in range(kg):
+                for kd, od in td:
+                    for kh, oh in th:
+                        for kw, ow in tw:
+                            rows.append([k * osp, od, oh, ow,
+                                         k * (cg * kvol) + (kd * KH + kh) * KW + kw])
+        return np.array(rows, dtype=np.int64).reshape(-1)
+
+    return (rt.cached_table(("gy phases",) + key, build_phases, like),
+            rt.cached_table(("gy taps",) + key, build_taps, like))
 
 
 # --- kernels --------------------------------------------------------------------------------
@@ -312,28 +353,41 @@ def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
     A_LOADS, A_STEP = BM * BK // NT, NT // BM
     B_LOADS, B_STEP = BN * BK // NT, NT // BK
     A_SHAPE, B_SHAPE = (BK, BM + 1), (BK, BN + 1)
-    TAPS = _GY_TAP_COLUMNS
+    TAPS, PHASES = _GY_TAP_COLUMNS, _GY_PHASE_COLUMNS
     nbt = rt.nb_type(dtype)
     zero = dtype.type(0)
     clear, multiply_slice, stage_a_down, stage_a_across, stage_b_across = _gemm_steps(tiles, dtype)
 
     @cuda.jit
-    def conv_backward_data_kernel(gy, w, taps, gx, geo):
-        # Each block computes a BM x BN tile of group g's gx: BM input positions
-        # m = (n, d, h, w) by BN channels; each thread an RM x RN micro-tile of it, gathering gy
-        # over the output positions whose window holds m (no atomics).
+    def conv_backward_data_kernel(gy, w, phases, taps, gx, geo):
+        # Each block computes a BM x BN tile of group g's gx for stride phase p = blockIdx.z:
+        # BM input positions m = (n, i, j, l) of the phase (d = d0 + i*SD, h = h0 + j*SH,
+        # w = w0 + l*SW) by BN channels; each thread an RM x RN micro-tile of it, gathering gy
+        # over the output positions whose window holds m (no atomics), through the phase's
+        # taps alone (every one of them reaches m, so no stride-divisibility test).
         (N, C, D, H, W, K, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW, G) = geo
+        p = cuda.blockIdx.z * PHASES
+        d0 = phases[p]
+        h0 = phases[p + 1]
+        w0 = phases[p + 2]
+        pdn = phases[p + 3]
+        phn = phases[p + 4]
+        pwn = phases[p + 5]
+        tap0 = phases[p + 6]
+        red = phases[p + 7]
+        psp = pdn * phn * pwn
+        rows = N * psp
+        m0 = cuda.blockIdx.x * BM
+        if m0 >= rows:  # the whole block: this phase has fewer rows than the largest one
+            return
         cg = C // G
         kg = K // G
         kvol = KD * KH * KW
-        red = kg * kvol
         sp = D * H * W
         osp = OD * OH * OW
-        rows = N * sp
         tiles_n = (cg + BN - 1) // BN
         g = cuda.blockIdx.y // tiles_n
         n0 = (cuda.blockIdx.y % tiles_n) * BN
-        m0 = cuda.blockIdx.x * BM
         t = cuda.threadIdx.x
         tm = t % TM
         tn = t // TM
@@ -347,18 +401,17 @@ def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
         b_frag = cuda.local.array(RN, nbt)
         clear(acc)
 
-        # The input position this thread gathers gy for, shifted into padded coordinates.
+        # The phase position (i, j, l) this thread gathers gy for: output od = i + tap offset.
         a_row = t % BM
         a_kk = t // BM
         m = m0 + a_row
         m_ok = m < rows
-        n = m // sp
-        q = m - n * sp
-        pd = q // (H * W) + PD
-        ph = (q // W) % H + PH
-        pw = q % W + PW
+        n = m // psp
+        q = m - n * psp
+        pi = q // (phn * pwn)
+        pj = (q // pwn) % phn
+        pl = q % pwn
         gy_group = (n * K + g * kg) * osp
-        unit_stride = SD == 1 and SH == 1 and SW == 1
         b_kk = t % BK
         b_col = t // BK
         w_group = g * kg * cg * kvol
@@ -370,29 +423,20 @@ def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
                     r = s * BK + a_kk + li * A_STEP
                     v = zero
                     if m_ok and r < red:
-                        # Output od meets input d through tap kd when od*SD + kd*DD == d + PD.
-                        ed = pd - taps[r * TAPS + 1]
-                        eh = ph - taps[r * TAPS + 2]
-                        ew = pw - taps[r * TAPS + 3]
-                        if ed >= 0 and eh >= 0 and ew >= 0:
-                            od = ed
-                            oh = eh
-                            ow = ew
-                            on_grid = True
-                            if not unit_stride:  # uniform branch: no divisions at stride 1
-                                od = ed // SD
-                                oh = eh // SH
-                                ow = ew // SW
-                                on_grid = od * SD == ed and oh * SH == eh and ow * SW == ew
-                            if on_grid and od < OD and oh < OH and ow < OW:
-                                v = gy[gy_group + taps[r * TAPS] + (od * OH + oh) * OW + ow]
+                        tr = (tap0 + r) * TAPS
+                        od = pi + taps[tr + 1]
+                        oh = pj + taps[tr + 2]
+                        ow = pl + taps[tr + 3]
+                        if (od >= 0 and oh >= 0 and ow >= 0 and od < OD and oh < OH
+                                and ow < OW):
+                            v = gy[gy_group + taps[tr] + (od * OH + oh) * OW + ow]
                     a_next[li] = v
                 r = s * BK + b_kk
                 for li in range(B_LOADS):
                     c = n0 + b_col + li * B_STEP
                     v = zero
                     if r < red and c < cg:
-                        v = w[w_group + taps[r * TAPS + 4] + c * kvol]
+                        v = w[w_group + taps[(tap0 + r) * TAPS + 4] + c * kvol]
                     b_next[li] = v
             if s > 0:
                 multiply_slice(a_tile, b_tile, a_frag, b_frag, acc, tm, tn)
@@ -405,8 +449,12 @@ def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
         for i in range(RM):
             m = m0 + tm + i * TM
             if m < rows:
-                n = m // sp
-                gx_row = (n * C + g * cg) * sp + (m - n * sp)
+                n = m // psp
+                q = m - n * psp
+                d = d0 + (q // (phn * pwn)) * SD
+                h = h0 + ((q // pwn) % phn) * SH
+                x_w = w0 + (q % pwn) * SW
+                gx_row = (n * C + g * cg) * sp + (d * H + h) * W + x_w
                 for j in range(RN):
                     c = n0 + tn + j * TN
                     if c < cg:
@@ -575,9 +623,13 @@ def conv_backward_data(gy, w, x_shape: Ints, stride: Ints, padding: Ints, dilati
         return gx
     tiles = rt.current_config().tiles
     cg = geo.C // groups
-    grid = (rt.cdiv(gx.size // geo.C, tiles.block_m), groups * rt.cdiv(cg, tiles.block_n))
+    phases, taps = _gy_phase_tables(geo, like=gy)
+    n_phases = geo.SD * geo.SH * geo.SW
+    largest = rt.cdiv(geo.D, geo.SD) * rt.cdiv(geo.H, geo.SH) * rt.cdiv(geo.W, geo.SW)  # phase 0
+    grid = (rt.cdiv(geo.N * largest, tiles.block_m), groups * rt.cdiv(cg, tiles.block_n),
+            n_phases)
     rt.launch(_backward_data_kernel(tiles, np.dtype(gy.dtype)), grid, tiles.threads,
-              rt.flat(gy), rt.flat(w), _gy_taps(geo, like=gy), gx.reshape(-1), geo)
+              rt.flat(gy), rt.flat(w), phases, taps, gx.reshape(-1), geo)
     return gx
 
 
