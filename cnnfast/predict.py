@@ -121,9 +121,12 @@ def _is_scan_input(path: Path) -> bool:
         return is_nifti(path) or path.suffix.lower() == DICOM_SUFFIX
     if not path.is_dir():
         return False
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    if any(p.suffix.lower() in (*IMAGE_SUFFIXES, ".npy") for p in entries):
+        return False  # a folder of PNG/JPEG images or .npy volumes, as before
     # a folder of scans, or a series folder (DICOM files often have no suffix)
     return any(p.is_dir() or is_nifti(p) or p.suffix.lower() in (DICOM_SUFFIX, "")
-               for p in path.iterdir() if not p.name.startswith("."))
+               for p in entries)
 
 
 def _load_scans(path: Path, preprocessing: dict | None, channels: int,

@@ -138,6 +138,23 @@ def test_two_dimensional_dicom_images(tmp_path):
     recipe = Preprocessing(size=(32, 32), spacing=2.0, intensity="zscore", fit="resize")
     result = prepare(folder, tmp_path / "x.npz", recipe)
     assert result.dataset.spatial_dims == 2 and result.dataset.image_shape == (32, 32)
+    # predict on the folder of images: one row per .dcm file, the scores of the prepared rows
+    from cnnfast.checkpoint import save_checkpoint
+    from cnnfast.models import SmallCNN
+    from cnnfast.predict import predict_checkpoint
+    from cnnfast.train import checkpoint_meta
+
+    ds = load_npz(result.npz)
+    model = SmallCNN(channels=(4,), seed=0)
+    ckpt = save_checkpoint(tmp_path / "m.ckpt", model.state_dict(), checkpoint_meta(model, ds))
+    predict_checkpoint(ckpt, folder, tmp_path / "p.csv")
+    predict_checkpoint(ckpt, result.npz, tmp_path / "rows.csv", split="train")
+    by_scan = {r[0]: r[1:] for r in csv.reader(open(tmp_path / "p.csv"))}
+    assert sorted(by_scan) == sorted([f"img{k}.dcm" for k in range(6)] + ["scan"])
+    items = [i for i in json.loads(result.manifest.read_text())["items"] if i["split"] == "train"]
+    for item, row in zip(items, list(csv.reader(open(tmp_path / "rows.csv")))[1:]):
+        np.testing.assert_allclose(np.array(by_scan[item["source"]], float),
+                                   np.array(row[1:], float), atol=1e-5)
     with pytest.raises(DataError, match=r"line 2 \(img0\): .*3D images"):
         prepare(folder, tmp_path / "y.npz", RECIPE)
     assert not (tmp_path / "y.npz").exists()
