@@ -117,6 +117,65 @@ def test_conv_on_either_product_matches_reference(case_id, gemm_choice, monkeypa
                  rtol=1e-4, atol=1e-4, name="gw")
 
 
+DIRECT_CASES = {
+    "2d-1ch": ConvCase((2, 1, 9, 8), (4, 1, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "2d-3ch-rect": ConvCase((1, 3, 7, 11), (5, 3, 3, 2), (1, 1), (1, 0), (1, 1), 1),
+    "2d-17ch-dilation": ConvCase((2, 17, 9, 10), (19, 17, 3, 3), (1, 1), (2, 1), (2, 1), 1),
+    "2d-one-pixel": ConvCase((3, 5, 1, 1), (7, 5, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "2d-kernel-larger-than-input": ConvCase((2, 4, 2, 3), (3, 4, 5, 5), (1, 1), (2, 2), (1, 1), 1),
+    "2d-1x1": ConvCase((2, 6, 5, 4), (9, 6, 1, 1), (1, 1), (0, 0), (1, 1), 1),
+    "2d-wide-k": ConvCase((1, 40, 6, 7), (70, 40, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "3d": ConvCase((2, 3, 5, 4, 6), (9, 3, 3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), 1),
+    "3d-dilation-pad": ConvCase((1, 4, 6, 5, 5), (3, 4, 2, 3, 3), (1, 1, 1), (0, 2, 1),
+                                (2, 2, 1), 1),
+}
+
+
+@pytest.mark.parametrize("tiny_tiles", [False, True], ids=["tasks", "many-tasks"])
+@pytest.mark.parametrize("case_id", list(DIRECT_CASES))
+def test_direct_convolution_matches_reference(case_id, tiny_tiles, monkeypatch):
+    """The stride-1 direct path (input read in place), forced on every shape; with a tiny
+    tile budget a slice is cut into many tasks (column runs, filter panels)."""
+    from cnnfast.cpu import _direct
+
+    monkeypatch.setattr(conv, "DIRECT_MIN_EFFICIENCY", 0.0)
+    if tiny_tiles:
+        monkeypatch.setattr(_direct, "TILE_BUDGET", 1)
+    case = DIRECT_CASES[case_id]
+    geo = conv._geometry(case.x_shape, case.w_shape, *case.args)
+    assert geo.direct_gemm(np.float32)
+    rng = np.random.default_rng(9)
+    x = make_array(rng, case.x_shape, np.float32, "sliced")
+    w = make_array(rng, case.w_shape, np.float32)
+    y = ref_conv.conv_forward(x, w, *case.args)
+    gy = make_array(rng, y.shape, np.float32)
+    got = (conv.conv_forward(x, w, *case.args),
+           conv.conv_backward_data(gy, w, case.x_shape, *case.args),
+           conv.conv_backward_weight(gy, x, case.w_shape, *case.args))
+    expected = (y, ref_conv.conv_backward_data(gy, w, case.x_shape, *case.args),
+                ref_conv.conv_backward_weight(gy, x, case.w_shape, *case.args))
+    for name, a, e in zip(("y", "gx", "gw"), got, expected):
+        assert a.dtype == np.float32 and a.shape == e.shape, name
+        assert_close(a, e, rtol=1e-4, atol=1e-4, name=name)
+    again = (conv.conv_forward(x, w, *case.args),
+             conv.conv_backward_weight(gy, x, case.w_shape, *case.args))
+    assert all(np.array_equal(a, b) for a, b in zip(again, (got[0], got[2])))
+
+
+def test_direct_tasks_split_batch_one_across_threads():
+    from cnnfast.cpu import _direct
+
+    tasks = _direct.forward_tasks(1, 1, col_tiles=25, panels=8, threads=2)
+    assert len(tasks) >= 4
+    # every (column tile, filter panel) pair is covered exactly once
+    cover = np.zeros((25, 8), dtype=int)
+    for n, od, t0, t1, q0, q1 in tasks:
+        cover[t0:t1, q0:q1] += 1
+    assert (cover == 1).all()
+    one_tile = _direct.forward_tasks(1, 1, col_tiles=1, panels=8, threads=2)
+    assert len(one_tile) >= 4 and set(one_tile[:, 2]) == {0}
+
+
 @pytest.mark.skipif(not mk.is_x86(), reason="MXCSR is x86's")
 def test_flush_to_zero_drops_denormal_inputs_and_restores_the_thread():
     """With flushing on (the default), a denormal input counts as 0 (DAZ) and products that

@@ -113,6 +113,46 @@ def _check_f32(*arrays):
             raise TypeError(f"the microkernel takes float32 arrays, got {a}")
 
 
+def _tile(builder, kc, a_scalar, b_vector, c_p, ldc, accumulate):
+    """The register tile's IR: MR x NR/16 vector accumulators, kc rounds of NR/16 loads of B,
+    MR broadcasts of A and MR * NR/16 FMAs, then the tile stored to (or added into) c_p with
+    row stride ldc. ``a_scalar(p, r)`` and ``b_vector(p, j)`` give the operands' addresses."""
+    nvec = NR // LANES
+    fma = _fma(builder)
+    zero = ir.Constant(_VEC, [0.0] * LANES)
+    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nvec)] for _ in range(MR)]
+    kc64 = builder.sext(kc, _I64) if kc.type.width < 64 else kc
+    with cgutils.for_range(builder, kc64) as loop:
+        p = loop.index
+        bv = [builder.load(builder.bitcast(b_vector(p, j), _VEC.as_pointer()), align=4)
+              for j in range(nvec)]
+        for r in range(MR):
+            av = _broadcast(builder, builder.load(a_scalar(p, r)))
+            for j in range(nvec):
+                acc = builder.load(accs[r][j])
+                builder.store(builder.call(fma, [av, bv[j], acc]), accs[r][j])
+    ldc64 = builder.sext(ldc, _I64) if ldc.type.width < 64 else ldc
+    add = builder.icmp_signed("!=", accumulate, ir.Constant(accumulate.type, 0))
+    for r in range(MR):
+        row = builder.mul(ldc64, ir.Constant(_I64, r))
+        for j in range(nvec):
+            idx = builder.add(row, ir.Constant(_I64, j * LANES))
+            total = builder.load(accs[r][j])
+            with builder.if_then(add):
+                old = _load_vec(builder, c_p, idx)
+                _store_vec(builder, builder.fadd(old, total), c_p, idx)
+            with builder.if_then(builder.not_(add)):
+                _store_vec(builder, total, c_p, idx)
+
+
+def _const(v):
+    return ir.Constant(_I64, v)
+
+
+def _i64(builder, v):
+    return builder.sext(v, _I64) if v.type.width < 64 else v
+
+
 @intrinsic
 def microkernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
     """c[coff + r * ldc + j] (+)= sum over p < kc of a[aoff + p * MR + r] * b[boff + p * NR + j]
@@ -120,7 +160,6 @@ def microkernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
     the sum replaces c's values, or is added to them when ``accumulate`` is non-zero."""
     _check_f32(a, b, c)
     sig = types.void(kc, a, aoff, b, boff, c, coff, ldc, accumulate)
-    nvec = NR // LANES
 
     def codegen(context, builder, signature, args):
         kc_v, a_v, aoff_v, b_v, boff_v, c_v, coff_v, ldc_v, acc_v = args
@@ -128,35 +167,67 @@ def microkernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
         a_p = builder.gep(_data(context, builder, sa[1], a_v), [aoff_v])
         b_p = builder.gep(_data(context, builder, sa[3], b_v), [boff_v])
         c_p = builder.gep(_data(context, builder, sa[5], c_v), [coff_v])
-        fma = _fma(builder)
-        zero = ir.Constant(_VEC, [0.0] * LANES)
-        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nvec)]
-                for _ in range(MR)]
-        kc64 = builder.sext(kc_v, _I64) if kc_v.type.width < 64 else kc_v
-        with cgutils.for_range(builder, kc64) as loop:
-            p = loop.index
-            bv = [_load_vec(builder, b_p, builder.add(builder.mul(p, ir.Constant(_I64, NR)),
-                                                      ir.Constant(_I64, j * LANES)))
-                  for j in range(nvec)]
-            for r in range(MR):
-                s = builder.load(builder.gep(a_p, [builder.add(
-                    builder.mul(p, ir.Constant(_I64, MR)), ir.Constant(_I64, r))]))
-                av = _broadcast(builder, s)
-                for j in range(nvec):
-                    acc = builder.load(accs[r][j])
-                    builder.store(builder.call(fma, [av, bv[j], acc]), accs[r][j])
-        ldc64 = builder.sext(ldc_v, _I64) if ldc_v.type.width < 64 else ldc_v
-        add = builder.icmp_signed("!=", acc_v, ir.Constant(acc_v.type, 0))
-        for r in range(MR):
-            row = builder.mul(ldc64, ir.Constant(_I64, r))
-            for j in range(nvec):
-                idx = builder.add(row, ir.Constant(_I64, j * LANES))
-                total = builder.load(accs[r][j])
-                with builder.if_then(add):
-                    old = _load_vec(builder, c_p, idx)
-                    _store_vec(builder, builder.fadd(old, total), c_p, idx)
-                with builder.if_then(builder.not_(add)):
-                    _store_vec(builder, total, c_p, idx)
+        _tile(builder, kc_v,
+              lambda p, r: builder.gep(a_p, [builder.add(builder.mul(p, _const(MR)),
+                                                         _const(r))]),
+              lambda p, j: builder.gep(b_p, [builder.add(builder.mul(p, _const(NR)),
+                                                         _const(j * LANES))]),
+              c_p, ldc_v, acc_v)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def microkernel_b_rows(typingctx, kc, a, aoff, b, boff, rows, roff, c, coff, ldc, accumulate):
+    """As :func:`microkernel` with B read in place: B[p, j] = b[boff + rows[roff + p] + j] (row
+    p of B is a contiguous run of b at offset rows[roff + p]: a window of a padded image)."""
+    _check_f32(a, b, c)
+    sig = types.void(kc, a, aoff, b, boff, rows, roff, c, coff, ldc, accumulate)
+
+    def codegen(context, builder, signature, args):
+        kc_v, a_v, aoff_v, b_v, boff_v, rows_v, roff_v, c_v, coff_v, ldc_v, acc_v = args
+        sa = signature.args
+        a_p = builder.gep(_data(context, builder, sa[1], a_v), [aoff_v])
+        b_p = builder.gep(_data(context, builder, sa[3], b_v), [boff_v])
+        rows_p = builder.gep(_data(context, builder, sa[5], rows_v), [roff_v])
+        c_p = builder.gep(_data(context, builder, sa[7], c_v), [coff_v])
+
+        def b_vector(p, j):
+            start = _i64(builder, builder.load(builder.gep(rows_p, [p])))
+            return builder.gep(b_p, [builder.add(start, _const(j * LANES))])
+
+        _tile(builder, kc_v,
+              lambda p, r: builder.gep(a_p, [builder.add(builder.mul(p, _const(MR)),
+                                                         _const(r))]),
+              b_vector, c_p, ldc_v, acc_v)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def microkernel_a_rows(typingctx, kc, a, aoff, rows, roff, b, boff, c, coff, ldc, accumulate):
+    """As :func:`microkernel` with A read in place: A[r, p] = a[aoff + rows[roff + r] + p] (row
+    r of A, over the reduction index p, is a contiguous run of a)."""
+    _check_f32(a, b, c)
+    sig = types.void(kc, a, aoff, rows, roff, b, boff, c, coff, ldc, accumulate)
+
+    def codegen(context, builder, signature, args):
+        kc_v, a_v, aoff_v, rows_v, roff_v, b_v, boff_v, c_v, coff_v, ldc_v, acc_v = args
+        sa = signature.args
+        a_p = builder.gep(_data(context, builder, sa[1], a_v), [aoff_v])
+        rows_p = builder.gep(_data(context, builder, sa[3], rows_v), [roff_v])
+        b_p = builder.gep(_data(context, builder, sa[5], b_v), [boff_v])
+        c_p = builder.gep(_data(context, builder, sa[7], c_v), [coff_v])
+        starts = [builder.gep(a_p, [_i64(builder, builder.load(builder.gep(rows_p,
+                                                                          [_const(r)])))])
+                  for r in range(MR)]
+        _tile(builder, kc_v,
+              lambda p, r: builder.gep(starts[r], [p]),
+              lambda p, j: builder.gep(b_p, [builder.add(builder.mul(p, _const(NR)),
+                                                         _const(j * LANES))]),
+              c_p, ldc_v, acc_v)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -33,7 +33,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from cnnfast.cpu import _winograd
+from cnnfast.cpu import _direct, _winograd
 from cnnfast.cpu._im2col import (
     as3d,
     col2im_add,
@@ -77,6 +77,9 @@ WINOGRAD_MIN_TILES = 25
 WINOGRAD_MIN_CHANNELS = 8
 # Backward-weight's Winograd has more transform work per product: it needs wider layers.
 WINOGRAD_WEIGHT_MIN_CHANNELS = 32
+# Direct (float32, stride 1, own microkernel): the smallest share of the computed output
+# positions that is kept (the rest are the padded columns of each row, see _direct).
+DIRECT_MIN_EFFICIENCY = 0.75
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -124,6 +127,12 @@ class _Geometry:
         # Per group a product would be a (K/groups, taps) @ (taps, N*O) sliver. Ungrouped
         # layers, even with one input channel, run faster as one product over all filters.
         return self.groups > 1 and self.taps <= DIRECT_MAX_TAPS
+
+    def direct_gemm(self, dtype) -> bool:
+        """Stride 1, groups 1, float32 on the own microkernel, few padded columns wasted:
+        :mod:`._direct` (the input read in place, no column matrix)."""
+        return (self.st == (1, 1, 1) and self.groups == 1 and use_own(dtype)
+                and _direct.efficiency(self.out, self.size, self.pd) >= DIRECT_MIN_EFFICIENCY)
 
     def winograd(self) -> bool:
         """A 2D 3x3 stride-1 undilated ungrouped layer, large enough for Winograd F(2x2, 3x3)."""
@@ -223,6 +232,8 @@ def conv_forward(x, w, stride: Ints, padding: Ints, dilation: Ints, groups: int)
         with single_threaded_blas():
             _pointwise(w5.reshape(geo.K, geo.C), x5.reshape(geo.N, geo.C, -1),
                        y5.reshape(geo.N, geo.K, -1), False, *_choices(x5.dtype))
+    elif geo.direct_gemm(x5.dtype):
+        _direct.forward(x5, w5, geo.pd, geo.dl, num_threads(), get_flush_denormals(), y5)
     elif geo.winograd():
         _winograd_forward(x5, w5, geo, y5)
     elif geo.direct():
@@ -480,6 +491,9 @@ def conv_backward_weight(gy, x, w_shape: Ints, stride: Ints, padding: Ints, dila
     x5 = as3d(np.asarray(x, dtype=gy5.dtype))
     if geo.empty():
         return np.zeros(geo.w_shape(), dtype=gy5.dtype)
+    if geo.direct_gemm(gy5.dtype):
+        return _direct.backward_weight(gy5, x5, geo.ks, geo.pd, geo.dl, num_threads(),
+                                       get_flush_denormals()).reshape(geo.w_shape())
     if geo.winograd() and min(geo.C, geo.K) >= WINOGRAD_WEIGHT_MIN_CHANNELS:
         return _winograd_backward_weight(gy5, x5, geo).reshape(geo.w_shape())
     maps, valid = geo.maps()

@@ -1,0 +1,234 @@
+"""Direct float32 convolution with stride 1 (2D and 3D, any padding and dilation, groups 1):
+cnnfast's microkernel reading the input in place, with no column matrix.
+
+The input is copied once into a zero-padded array xp (N, C, Dp, Hp, Wp). In one depth slice od
+of the output, number the output positions by their place in the padded plane,
+``j = oh * Wp + ow`` (ow < OW; the positions with ow >= OW are computed and thrown away). A
+kernel tap p = (c, kd, kh, kw) then reads ``xp[n, c, od + kd*DD, oh + kh*DH, ow + kw*DW]``,
+which is ``xpf[base + offs[p] + j]`` with ``offs[p] = c*Dp*Hp*Wp + kd*DD*Hp*Wp + kh*DH*Wp +
+kw*DW`` and ``base`` the slice's start: for every tap, the row of the implicit column matrix is
+a contiguous run of xp. So
+
+- forward: ``y_ext[k, j] = sum_p w[k, p] * xpf[base + offs[p] + j]`` is a GEMM whose B rows are
+  read in place (:func:`_microkernel.microkernel_b_rows`), A = the filters packed in MR-row
+  panels once per call; the valid columns of y_ext are copied into y;
+- backward-weight: ``gw^T[p, k] = sum_(n, od, j) xpf[base + offs[p] + j] * gy_ext[k, j]`` is a
+  GEMM whose A rows are read in place (:func:`_microkernel.microkernel_a_rows`) and B = gy with
+  zeros at the thrown-away columns, packed per slice; one partial sum per thread, added in
+  thread order;
+- backward-data with stride 1 is a forward convolution (conv.py flips the filters).
+
+The wasted share is the thrown-away columns: ``(OH - 1) * Wp + OW`` positions computed per
+slice for ``OH * OW`` kept (:func:`efficiency`); conv.py takes this path only where it is small.
+Work is split into tasks of (sample, depth slice, run of column tiles, run of filter panels),
+several per thread even for batch 1. Every output element is summed by one task in a fixed
+order: the same bits on every run for a given thread count.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from cnnfast.cpu._microkernel import (
+    MR,
+    NR,
+    enter_flush,
+    leave_flush,
+    microkernel_a_rows,
+    microkernel_b_rows,
+)
+
+Ints = tuple[int, ...]
+
+# Elements of a task's output tiles (256 KiB in float32): they are added into once per K block
+# of taps, so they should stay in L2.
+TILE_BUDGET = 1 << 16
+# Taps (forward) or positions (backward-weight) per K block (measured on ResNet layers: 128 to
+# 512 within 5%, 512 best).
+DIRECT_KC = 512
+
+
+
+def padded(size: Ints, pd: Ints) -> Ints:
+    return tuple(s + 2 * p for s, p in zip(size, pd))
+
+
+def columns(out: Ints, size_p: Ints) -> int:
+    """Positions computed per depth slice: (OH - 1) * Wp + OW."""
+    return (out[1] - 1) * size_p[2] + out[2]
+
+
+def efficiency(out: Ints, size: Ints, pd: Ints) -> float:
+    """Kept over computed output positions (column tiles of NR included)."""
+    size_p = padded(size, pd)
+    computed = -(-columns(out, size_p) // NR) * NR
+    return out[1] * out[2] / computed
+
+
+def pad_input(x5: np.ndarray, pd: Ints) -> np.ndarray:
+    """x (N, C, D, H, W) zero-padded by pd, flattened, with NR + LANES zeros of slack at the end
+    (the last column tile reads up to a tile past the last position)."""
+    N, C = x5.shape[:2]
+    size_p = padded(x5.shape[2:], pd)
+    total = N * C * size_p[0] * size_p[1] * size_p[2]
+    flat = np.zeros(total + 2 * NR, dtype=np.float32)
+    view = flat[:total].reshape((N, C) + size_p)
+    view[:, :, pd[0]:pd[0] + x5.shape[2], pd[1]:pd[1] + x5.shape[3],
+         pd[2]:pd[2] + x5.shape[4]] = x5
+    return flat
+
+
+def tap_offsets(C: int, ks: Ints, dl: Ints, size_p: Ints, rows: int) -> np.ndarray:
+    """offs[p] for p = (c, kd, kh, kw) in weight order, zero-padded to ``rows`` entries."""
+    Dp, Hp, Wp = size_p
+    c, kd, kh, kw = np.meshgrid(np.arange(C), np.arange(ks[0]), np.arange(ks[1]),
+                                np.arange(ks[2]), indexing="ij")
+    offs = (c * (Dp * Hp * Wp) + kd * dl[0] * Hp * Wp + kh * dl[1] * Wp + kw * dl[2]).ravel()
+    out = np.zeros(rows, dtype=np.int64)
+    out[:offs.size] = offs
+    return out
+
+
+def pack_filters(w2: np.ndarray) -> np.ndarray:
+    """w (K, taps) as MR-row panels, panel-major: a[(q * taps + p) * MR + r] = w[q*MR + r, p]."""
+    K, taps = w2.shape
+    Kp = -(-K // MR) * MR
+    padded_w = np.zeros((Kp, taps), dtype=np.float32)
+    padded_w[:K] = w2
+    return np.ascontiguousarray(padded_w.reshape(Kp // MR, MR, taps).transpose(0, 2, 1)).ravel()
+
+
+def forward_tasks(N: int, OD: int, col_tiles: int, panels: int, threads: int) -> np.ndarray:
+    """Tasks (n, od, t0, t1, q0, q1): column tiles t0..t1 and filter panels q0..q1 of one
+    slice. Slices are cut into runs of column tiles, then of panels, until there are at least
+    two tasks per thread (batch 1 runs in parallel too)."""
+    want = 2 * threads
+    slices = N * OD
+    tile_runs = min(col_tiles, max(1, -(-want // slices),
+                                   -(-col_tiles * panels * MR * NR // TILE_BUDGET)))
+    panel_runs = min(panels, max(1, -(-want // (slices * tile_runs))))
+    tasks = []
+    for n in range(N):
+        for od in range(OD):
+            for a in range(tile_runs):
+                t0, t1 = col_tiles * a // tile_runs, col_tiles * (a + 1) // tile_runs
+                for b in range(panel_runs):
+                    q0, q1 = panels * b // panel_runs, panels * (b + 1) // panel_runs
+                    tasks.append((n, od, t0, t1, q0, q1))
+    return np.array(tasks, dtype=np.int64).reshape(-1, 6)
+
+
+def forward(x5, w5, pd: Ints, dl: Ints, threads: int, flush: bool, y5) -> None:
+    """y (N, K, OD, OH, OW) of the stride-1 convolution of x (N, C, D, H, W) with w (K, C, *KS),
+    float32."""
+    N, C = x5.shape[:2]
+    K = w5.shape[0]
+    ks = w5.shape[2:]
+    size_p = padded(x5.shape[2:], pd)
+    out = y5.shape[2:]
+    taps = C * ks[0] * ks[1] * ks[2]
+    J = columns(out, size_p)
+    col_tiles = -(-J // NR)
+    panels = -(-K // MR)
+    tasks = forward_tasks(N, out[0], col_tiles, panels, threads)
+    widest = int(((tasks[:, 3] - tasks[:, 2]) * (tasks[:, 5] - tasks[:, 4])).max())
+    buf = np.empty((threads, widest * MR * NR), dtype=np.float32)
+    _forward_kernel(pad_input(x5, pd), pack_filters(w5.reshape(K, taps)),
+                    tap_offsets(C, ks, dl, size_p, taps), tasks, C, size_p, y5, buf, flush)
+
+
+@njit(parallel=True, cache=True)
+def _forward_kernel(xpf, apack, offs, tasks, C, size_p, y, buf, flush):
+    """One task per row of ``tasks``: the tile products over every K block of taps into the
+    thread's buffer, then the kept columns into y."""
+    K, OH, OW = y.shape[1], y.shape[3], y.shape[4]
+    Dp, Hp, Wp = size_p
+    plane = Hp * Wp
+    taps = offs.size
+    for t in prange(tasks.shape[0]):
+        state = enter_flush(flush)
+        tid = numba.get_thread_id()
+        n, od, t0, t1, q0, q1 = (tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3],
+                                 tasks[t, 4], tasks[t, 5])
+        ncols = (t1 - t0) * NR
+        tile = buf[tid]
+        base = n * C * Dp * plane + od * plane
+        for p0 in range(0, taps, DIRECT_KC):
+            kc = min(DIRECT_KC, taps - p0)
+            acc = 1 if p0 > 0 else 0
+            for jt in range(t0, t1):
+                for q in range(q0, q1):
+                    microkernel_b_rows(kc, apack, (q * taps + p0) * MR, xpf, base + jt * NR,
+                                       offs, p0, tile, (q - q0) * MR * ncols + (jt - t0) * NR,
+                                       ncols, acc)
+        j0, j1 = t0 * NR, t1 * NR
+        for k in range(q0 * MR, min(q1 * MR, K)):
+            src = tile[(k - q0 * MR) * ncols:(k - q0 * MR + 1) * ncols]
+            dst = y[n, k, od]
+            for oh in range(max(0, j0 // Wp), min(OH, -(-j1 // Wp))):
+                row = dst[oh]
+                lo = max(0, j0 - oh * Wp)
+                hi = min(OW, j1 - oh * Wp)
+                for ow in range(lo, hi):
+                    row[ow] = src[oh * Wp + ow - j0]
+        leave_flush(state)
+
+
+def backward_weight(gy5, x5, ks: Ints, pd: Ints, dl: Ints, threads: int, flush: bool):
+    """gw (K, C, *KS) of the stride-1 convolution, from gy (N, K, OD, OH, OW) and x, float32."""
+    N, C = x5.shape[:2]
+    K = gy5.shape[1]
+    size_p = padded(x5.shape[2:], pd)
+    out = gy5.shape[2:]
+    taps = C * ks[0] * ks[1] * ks[2]
+    rows = -(-taps // MR) * MR
+    Kp = -(-K // NR) * NR
+    J = columns(out, size_p)
+    slices = N * out[0]
+    runs = min(threads, slices)
+    spread = np.array([slices * r // runs for r in range(runs + 1)], dtype=np.int64)
+    partials = np.zeros((runs, rows, Kp), dtype=np.float32)
+    bpack = np.empty((runs, Kp * J), dtype=np.float32)
+    _backward_weight_kernel(pad_input(x5, pd), np.ascontiguousarray(gy5),
+                            tap_offsets(C, ks, dl, size_p, rows), spread, C, size_p, J, bpack,
+                            partials, flush)
+    total = partials[0]
+    for p in partials[1:]:
+        total += p  # partial sums added in a fixed order
+    return np.ascontiguousarray(total[:taps, :K].T).reshape((K, C) + tuple(ks))
+
+
+@njit(parallel=True, cache=True)
+def _backward_weight_kernel(xpf, gy, offs, spread, C, size_p, J, bpack_buf, partials, flush):
+    """partials[r] (rows, Kp) = sum over the slices of run r of x_windows (taps, J) @ gy_ext^T
+    (J, K): gy_ext^T packed per slice into NR-wide panels, zero at the thrown-away columns."""
+    K, OD, OH, OW = gy.shape[1], gy.shape[2], gy.shape[3], gy.shape[4]
+    Dp, Hp, Wp = size_p
+    plane = Hp * Wp
+    rows, Kp = partials.shape[1], partials.shape[2]
+    for r in prange(spread.size - 1):
+        state = enter_flush(flush)
+        bpack = bpack_buf[r]
+        part = partials[r]
+        for s in range(spread[r], spread[r + 1]):
+            n = s // OD
+            od = s - n * OD
+            bpack[:] = 0
+            for k in range(K):
+                q, kk = k // NR, k % NR
+                src = gy[n, k, od]
+                for oh in range(OH):
+                    row = src[oh]
+                    for ow in range(OW):
+                        bpack[(q * J + oh * Wp + ow) * NR + kk] = row[ow]
+            base = n * C * Dp * plane + od * plane
+            for j0 in range(0, J, DIRECT_KC):
+                kc = min(DIRECT_KC, J - j0)
+                for q in range(Kp // NR):
+                    for ip in range(rows // MR):
+                        microkernel_a_rows(kc, xpf, base + j0, offs, ip * MR, bpack,
+                                           (q * J + j0) * NR, part, ip * MR * Kp + q * NR, Kp,
+                                           1)
+        leave_flush(state)
