@@ -327,6 +327,12 @@ def bench(out_dir: Path, full: bool = False) -> int:
             for _ in range(warmup):
                 fn()
             row[f"cnnfast_{name}_ms"] = time_ms(fn)
+        if not SIM:  # the same passes with the tiles autotune picks (tuned on the warm-up call)
+            with cnnfast.config.using_config(cuda_autotune=True, cache_dir=str(out_dir)):
+                for name, fn in runs.items():
+                    for _ in range(warmup):
+                        fn()
+                    row[f"cnnfast_tuned_{name}_ms"] = time_ms(fn)
         if torch_cuda:
             row.update(_torch_conv(torch, s, to_numpy(x), to_numpy(w), to_numpy(gy), repeats,
                                    warmup))
@@ -483,6 +489,9 @@ def summary(out_dir: Path) -> int:
             ratios = [r[f"cnnfast_{name}_ms"] / r[f"cudnn_{name}_ms"] for r in conv_rows]
             lines.append(f"  conv {name}: cnnfast / cuDNN (TF32 off) time, geometric mean "
                          f"{math.exp(np.mean(np.log(ratios))):.2f} over {len(ratios)} layers")
+            if all(f"cnnfast_tuned_{name}_ms" in r for r in conv_rows):
+                tuned = [r[f"cnnfast_tuned_{name}_ms"] / r[f"cudnn_{name}_ms"] for r in conv_rows]
+                lines.append(f"    with autotune's tiles: {math.exp(np.mean(np.log(tuned))):.2f}")
             large = [r for r in conv_rows if min(r.get("C", 0), r.get("K", 0)) >= 64]
             if large:
                 share = [r[f"cudnn_{name}_ms"] / r[f"cnnfast_{name}_ms"] for r in large]

@@ -13,6 +13,10 @@ Option (``get(name)``) and variable, with its default:
 - ``dist_timeout``, CNNFAST_DIST_TIMEOUT: seconds a data-parallel rank waits for the others (300)
 - ``bench_cuda_sim``, CNNFAST_BENCH_CUDA_SIM: ``benchmarks/`` runs the pytest-benchmark suites'
   cuda path in the simulator (off)
+- ``cuda_autotune``, CNNFAST_CUDA_AUTOTUNE: time the convolutions' tile configurations once per
+  shape and GPU and keep the fastest (``cnnfast.cuda.autotune``) (off)
+- ``cache_dir``, CNNFAST_CACHE_DIR: where cnnfast keeps what it measured, e.g. autotune choices
+  (``~/.cache/cnnfast``)
 - ``fuzz_examples``, CNNFAST_FUZZ_EXAMPLES; ``property_examples``, CNNFAST_PROPERTY_EXAMPLES:
   examples per test in ``tests/test_fuzz.py`` (100) and ``tests/test_properties.py`` (80)
 
@@ -110,6 +114,8 @@ OPTIONS: dict[str, Option] = {
     "malloc_tune": Option("CNNFAST_MALLOC_TUNE", parse_flag, True),
     "dist_timeout": Option("CNNFAST_DIST_TIMEOUT", _seconds, 300.0),
     "bench_cuda_sim": Option("CNNFAST_BENCH_CUDA_SIM", parse_flag, False),
+    "cuda_autotune": Option("CNNFAST_CUDA_AUTOTUNE", parse_flag, False),
+    "cache_dir": Option("CNNFAST_CACHE_DIR", _path, None),  # None: ~/.cache/cnnfast
     "fuzz_examples": Option("CNNFAST_FUZZ_EXAMPLES", _count, 100),
     "property_examples": Option("CNNFAST_PROPERTY_EXAMPLES", _count, 80),
 }
@@ -191,3 +197,9 @@ def data_dir() -> Path:
     """Where MedMNIST files are looked for and downloaded: ``$CNNFAST_DATA_DIR`` or
     ``~/.medmnist`` (shared with the ``medmnist`` package)."""
     return get("data_dir") or Path.home() / ".medmnist"
+
+
+def cache_dir() -> Path:
+    """Where cnnfast keeps what it measured (autotune choices): ``$CNNFAST_CACHE_DIR`` or
+    ``~/.cache/cnnfast``."""
+    return get("cache_dir") or Path.home() / ".cache" / "cnnfast"

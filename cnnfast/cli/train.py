@@ -201,10 +201,14 @@ def run_train(args: argparse.Namespace) -> int:
     if args.workers is not None:
         return _launch_workers(args)
     check_device(args.device)
+    if args.cuda_autotune and args.device != "cuda":
+        raise CLIError("--cuda-autotune times the CUDA kernels: it needs --device cuda")
     parallel = _data_parallel(args)
-    if parallel is None:
-        return _train(args, None)
     with contextlib.ExitStack() as stack:
+        if args.cuda_autotune:  # for this training only (main() may run again in-process)
+            stack.enter_context(settings.using_config(cuda_autotune=True))
+        if parallel is None:
+            return _train(args, None)
         if not parallel.is_main:  # rank 0 alone prints
             stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))
         try:
@@ -378,6 +382,10 @@ def add_parser(sub) -> None:
                    help="output directory (default runs/<data>-<model>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_arg(p)
+    p.add_argument("--cuda-autotune", action="store_true",
+                   help="time the convolutions' tile configurations once per shape and GPU and "
+                        "keep the fastest (cached in CNNFAST_CACHE_DIR; like cudnn.benchmark; "
+                        "results agree to rounding, not bit for bit, with the default)")
     _add_parallel_args(p)
     _add_resume_args(p)
     p.set_defaults(func=run)

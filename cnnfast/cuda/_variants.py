@@ -12,11 +12,18 @@ every launch a training step makes in the simulator is among them.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
+from cnnfast import config
 from cnnfast.cuda import _runtime as rt
+from cnnfast.cuda import autotune
 
 SHIPPED_TILES = {"gpu": rt.GPU_TILES, "small": rt.SMALL_TILES}
+# autotune's other candidates, which it tries for float32 convolutions only
+TUNED_TILES = {f"tuned {t.block_m}x{t.block_n}": t for t in autotune.CANDIDATES
+               if t not in SHIPPED_TILES.values()}
 DTYPES = (np.float32, np.float64)
 
 
@@ -87,22 +94,36 @@ def kernel_variants() -> list[tuple[str, rt.LaunchRecord]]:
     """[(configuration label, launch record)] for each distinct (kernel, argument types) the
     CUDA path launches under the shipped launch configurations; nothing runs."""
     seen: dict[tuple, tuple[str, rt.LaunchRecord]] = {}
-    for tiles_name, tiles in SHIPPED_TILES.items():
-        threads = 256 if tiles_name == "gpu" else 32
-        with rt.launch_config(tiles=tiles, threads=threads):
-            for dtype in DTYPES:
-                for nd in (2, 3):
-                    label = f"{tiles_name} {np.dtype(dtype).name} {nd}d"
-                    with rt.count_launches(record_only=True) as records:
-                        _conv_ops(dtype, nd)
-                        _other_ops(dtype, nd)
-                        if nd == 3:
-                            _long_pool_axis(dtype)
-                            _optimizer(dtype)
-                    for r in records:
-                        key = (id(r.dispatcher), r.types)
-                        if key not in seen or r.block > seen[key][1].block:
-                            seen[key] = (label, r)  # occupancy at the largest block it gets
+
+    def record(label: str, ops) -> None:
+        with rt.count_launches(record_only=True) as records:
+            ops()
+        for r in records:
+            key = (id(r.dispatcher), r.types)
+            if key not in seen or r.block > seen[key][1].block:
+                seen[key] = (label, r)  # occupancy at the largest block it gets
+
+    def everything(dtype, nd: int) -> None:
+        _conv_ops(dtype, nd)
+        _other_ops(dtype, nd)
+        if nd == 3:
+            _long_pool_axis(dtype)
+            _optimizer(dtype)
+
+    with config.using_config(cuda_autotune=False):  # each configuration's own kernels
+        for tiles_name, tiles in SHIPPED_TILES.items():
+            threads = 256 if tiles_name == "gpu" else 32
+            with rt.launch_config(tiles=tiles, threads=threads):
+                for dtype in DTYPES:
+                    for nd in (2, 3):
+                        record(f"{tiles_name} {np.dtype(dtype).name} {nd}d",
+                               functools.partial(everything, dtype, nd))
+        for tiles_name, tiles in TUNED_TILES.items():
+            with rt.launch_config(tiles=tiles, threads=256):
+                for dtype in autotune.TUNED_DTYPES:
+                    for nd in (2, 3):
+                        record(f"{tiles_name} {dtype.name} {nd}d",
+                               functools.partial(_conv_ops, dtype, nd))
     return list(seen.values())
 
 

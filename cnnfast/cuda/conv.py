@@ -46,6 +46,7 @@ import numpy as np
 from numba import cuda
 
 from cnnfast.cuda import _runtime as rt
+from cnnfast.cuda import autotune
 from cnnfast.cuda._channel import channel_map, channel_sum
 from cnnfast.shapes import output_size
 
@@ -601,13 +602,17 @@ def conv_bias_relu_forward(x, w, b, relu: bool, stride: Ints, padding: Ints, dil
     y = rt.empty(_out_shape(geo, nd), x.dtype, like=x)
     if y.size == 0:
         return y
-    tiles = rt.current_config().tiles
     kg = geo.K // groups
-    grid = (rt.cdiv(y.size // geo.K, tiles.block_m), groups * rt.cdiv(kg, tiles.block_n))
     w_flat = rt.flat(w)
-    kernel = _forward_kernel(tiles, np.dtype(x.dtype), b is not None, bool(relu))
-    rt.launch(kernel, grid, tiles.threads, rt.flat(x), w_flat,
-              w_flat if b is None else rt.flat(b), _x_taps(geo, like=x), y.reshape(-1), geo)
+    args = (rt.flat(x), w_flat, w_flat if b is None else rt.flat(b), _x_taps(geo, like=x),
+            y.reshape(-1), geo)
+
+    def run(tiles: rt.GemmTiles) -> None:
+        grid = (rt.cdiv(y.size // geo.K, tiles.block_m), groups * rt.cdiv(kg, tiles.block_n))
+        kernel = _forward_kernel(tiles, np.dtype(x.dtype), b is not None, bool(relu))
+        rt.launch(kernel, grid, tiles.threads, *args)
+
+    autotune.run_tuned("forward", geo, x.dtype, run)
     return y
 
 
@@ -621,15 +626,18 @@ def conv_backward_data(gy, w, x_shape: Ints, stride: Ints, padding: Ints, dilati
     if gy.size == 0:
         gx[...] = 0
         return gx
-    tiles = rt.current_config().tiles
     cg = geo.C // groups
     phases, taps = _gy_phase_tables(geo, like=gy)
     n_phases = geo.SD * geo.SH * geo.SW
     largest = rt.cdiv(geo.D, geo.SD) * rt.cdiv(geo.H, geo.SH) * rt.cdiv(geo.W, geo.SW)  # phase 0
-    grid = (rt.cdiv(geo.N * largest, tiles.block_m), groups * rt.cdiv(cg, tiles.block_n),
-            n_phases)
-    rt.launch(_backward_data_kernel(tiles, np.dtype(gy.dtype)), grid, tiles.threads,
-              rt.flat(gy), rt.flat(w), phases, taps, gx.reshape(-1), geo)
+    args = (rt.flat(gy), rt.flat(w), phases, taps, gx.reshape(-1), geo)
+
+    def run(tiles: rt.GemmTiles) -> None:
+        grid = (rt.cdiv(geo.N * largest, tiles.block_m), groups * rt.cdiv(cg, tiles.block_n),
+                n_phases)
+        rt.launch(_backward_data_kernel(tiles, np.dtype(gy.dtype)), grid, tiles.threads, *args)
+
+    autotune.run_tuned("backward_data", geo, gy.dtype, run)
     return gx
 
 
@@ -651,22 +659,26 @@ def conv_backward_weight(gy, x, w_shape: Ints, stride: Ints, padding: Ints, dila
     if total == 0:
         gw[...] = 0
         return gw
-    tiles = rt.current_config().tiles
     kg = geo.K // groups
     red = gw.size // geo.K
-    tile_blocks = rt.cdiv(red, tiles.block_m) * groups * rt.cdiv(kg, tiles.block_n)
-    splits = _weight_splits(total, tile_blocks, tiles.block_k)
-    chunk = rt.cdiv(rt.cdiv(total, splits), tiles.block_k) * tiles.block_k
-    splits = rt.cdiv(total, chunk)
-    part = gw.reshape(-1) if splits == 1 else rt.empty(splits * gw.size, gy.dtype, like=gy)
-    grid = (rt.cdiv(red, tiles.block_m), groups * rt.cdiv(kg, tiles.block_n), splits)
-    rt.launch(_backward_weight_kernel(tiles, np.dtype(gy.dtype)), grid, tiles.threads,
-              rt.flat(gy), rt.flat(x), _x_taps(geo, like=x), part, geo, chunk)
-    if splits > 1:
-        threads = rt.current_config().threads
-        blocks = min(rt.cdiv(gw.size, threads), 4096)
-        rt.launch(_sum_splits_kernel(np.dtype(gy.dtype)), blocks, threads,
-                  part, gw.reshape(-1), splits, gw.size)
+    gy_flat, x_flat, taps = rt.flat(gy), rt.flat(x), _x_taps(geo, like=x)
+
+    def run(tiles: rt.GemmTiles) -> None:
+        tile_blocks = rt.cdiv(red, tiles.block_m) * groups * rt.cdiv(kg, tiles.block_n)
+        splits = _weight_splits(total, tile_blocks, tiles.block_k)
+        chunk = rt.cdiv(rt.cdiv(total, splits), tiles.block_k) * tiles.block_k
+        splits = rt.cdiv(total, chunk)
+        part = gw.reshape(-1) if splits == 1 else rt.empty(splits * gw.size, gy.dtype, like=gy)
+        grid = (rt.cdiv(red, tiles.block_m), groups * rt.cdiv(kg, tiles.block_n), splits)
+        rt.launch(_backward_weight_kernel(tiles, np.dtype(gy.dtype)), grid, tiles.threads,
+                  gy_flat, x_flat, taps, part, geo, chunk)
+        if splits > 1:
+            threads = rt.current_config().threads
+            blocks = min(rt.cdiv(gw.size, threads), 4096)
+            rt.launch(_sum_splits_kernel(np.dtype(gy.dtype)), blocks, threads,
+                      part, gw.reshape(-1), splits, gw.size)
+
+    autotune.run_tuned("backward_weight", geo, gy.dtype, run)
     return gw
 
 
