@@ -13,6 +13,12 @@ Option (``get(name)``) and variable, with its default:
 - ``dist_timeout``, CNNFAST_DIST_TIMEOUT: seconds a data-parallel rank waits for the others (300)
 - ``bench_cuda_sim``, CNNFAST_BENCH_CUDA_SIM: ``benchmarks/`` runs the pytest-benchmark suites'
   cuda path in the simulator (off)
+- ``cpu_gemm``, CNNFAST_CPU_GEMM: the float32 CPU convolution's matrix product, ``auto``, ``own``
+  (cnnfast's microkernel) or ``blas`` (``auto``)
+- ``cpu_flush_denormals``, CNNFAST_CPU_FLUSH_DENORMALS: the CPU convolution kernels run with
+  flush-to-zero / denormals-are-zero (on)
+- ``opinfo_full``, CNNFAST_OPINFO_FULL: ``tests/test_opinfo.py`` runs every PyTorch sample, not
+  a deterministic subset of the largest grids (off)
 - ``cuda_autotune``, CNNFAST_CUDA_AUTOTUNE: time the convolutions' tile configurations once per
   shape and GPU and keep the fastest (``cnnfast.cuda.autotune``) (off)
 - ``cache_dir``, CNNFAST_CACHE_DIR: where cnnfast keeps what it measured, e.g. autotune choices
@@ -114,6 +120,9 @@ OPTIONS: dict[str, Option] = {
     "malloc_tune": Option("CNNFAST_MALLOC_TUNE", parse_flag, True),
     "dist_timeout": Option("CNNFAST_DIST_TIMEOUT", _seconds, 300.0),
     "bench_cuda_sim": Option("CNNFAST_BENCH_CUDA_SIM", parse_flag, False),
+    "cpu_gemm": Option("CNNFAST_CPU_GEMM", _one_of("auto", "own", "blas"), "auto"),
+    "cpu_flush_denormals": Option("CNNFAST_CPU_FLUSH_DENORMALS", parse_flag, True),
+    "opinfo_full": Option("CNNFAST_OPINFO_FULL", parse_flag, False),
     "cuda_autotune": Option("CNNFAST_CUDA_AUTOTUNE", parse_flag, False),
     "cache_dir": Option("CNNFAST_CACHE_DIR", _path, None),  # None: ~/.cache/cnnfast
     "fuzz_examples": Option("CNNFAST_FUZZ_EXAMPLES", _count, 100),

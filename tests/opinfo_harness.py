@@ -16,7 +16,6 @@ for an input PyTorch differentiates); ``unsupported`` carries cnnfast's message.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import zlib
 from dataclasses import dataclass
@@ -127,7 +126,7 @@ def samples(key: tuple[str, str], dtype: type) -> tuple:
     torch.manual_seed(SEED)
     tdtype = {np.float64: torch.float64, np.float32: torch.float32}[dtype]
     found = list(opinfos()[key].sample_inputs("cpu", tdtype, requires_grad=True))
-    if os.environ.get("CNNFAST_OPINFO_FULL") != "1" and len(found) > MAX_SAMPLES:
+    if not cnnfast.config.get("opinfo_full") and len(found) > MAX_SAMPLES:
         step = -(-len(found) // MAX_SAMPLES)
         found = found[::step]
     return tuple(found)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from cases import ConvCase, make_array
 
+from cnnfast import config as settings
 from cnnfast.cpu import _microkernel as mk
 from cnnfast.cpu import conv
 from cnnfast.reference import conv as ref_conv
@@ -64,28 +65,24 @@ def test_gemm_same_bits_every_run(rng):
     assert np.array_equal(c1, c2)
 
 
-def test_gemm_and_flush_choices_are_checked():
+def test_gemm_and_flush_choices_are_checked(monkeypatch):
     with pytest.raises(ValueError, match="gemm must be one of"):
         mk.set_gemm("mkl")
-    saved = dict(mk._choice)
-    try:
-        mk._choice["gemm"] = "fast"  # as CNNFAST_CPU_GEMM=fast would
-        with pytest.raises(ValueError, match="CNNFAST_CPU_GEMM"):
-            mk.use_own(np.float32)
-        mk._choice["flush"] = "yes"
-        with pytest.raises(ValueError, match="CNNFAST_CPU_FLUSH_DENORMALS"):
-            mk.get_flush_denormals()
-    finally:
-        mk._choice.update(saved)
+    monkeypatch.setenv("CNNFAST_CPU_GEMM", "fast")
+    with pytest.raises(ValueError, match="CNNFAST_CPU_GEMM"):
+        mk.use_own(np.float32)
+    monkeypatch.setenv("CNNFAST_CPU_FLUSH_DENORMALS", "maybe")
+    with pytest.raises(ValueError, match="CNNFAST_CPU_FLUSH_DENORMALS"):
+        mk.get_flush_denormals()
+    monkeypatch.setenv("CNNFAST_CPU_FLUSH_DENORMALS", "0")
+    assert not mk.get_flush_denormals()
     assert not mk.use_own(np.float64)
 
 
 @pytest.fixture(params=["own", "blas"])
 def gemm_choice(request):
-    saved = mk.get_gemm()
-    mk.set_gemm(request.param)
-    yield request.param
-    mk.set_gemm(saved)
+    with settings.using_config(cpu_gemm=request.param):
+        yield request.param
 
 
 CASES = {
@@ -207,6 +204,7 @@ def test_flush_to_zero_drops_denormal_inputs_and_restores_the_thread():
 _AVX2_SCRIPT = r"""
 import json
 import numpy as np
+from cnnfast import config as settings
 from cnnfast.cpu import _microkernel as mk
 rng = np.random.default_rng(0)
 a = rng.standard_normal((13, 300)).astype(np.float32)

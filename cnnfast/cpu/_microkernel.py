@@ -27,7 +27,6 @@ calling thread (MXCSR), so that products of tiny numbers do not take the microco
 from __future__ import annotations
 
 import functools
-import os
 import platform
 import time
 
@@ -36,6 +35,8 @@ from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils, config, types
 from numba.extending import intrinsic, overload
+
+from cnnfast import config as settings  # numba's config is 'config' here
 
 LANES = 16
 _F32 = ir.FloatType()
@@ -320,7 +321,6 @@ def gemm(a, b, c, accumulate):
 # --- the product the convolution kernels call -----------------------------------------------------
 
 GEMM_CHOICES = ("auto", "own", "blas")
-_choice = {"gemm": os.environ.get("CNNFAST_CPU_GEMM", "auto").strip().lower() or "auto"}
 
 
 def set_gemm(choice: str) -> None:
@@ -330,14 +330,11 @@ def set_gemm(choice: str) -> None:
     The environment variable ``CNNFAST_CPU_GEMM`` sets the starting choice."""
     if choice not in GEMM_CHOICES:
         raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {choice!r}")
-    _choice["gemm"] = choice
+    settings.set_option("cpu_gemm", choice)
 
 
 def get_gemm() -> str:
-    if _choice["gemm"] not in GEMM_CHOICES:
-        raise ValueError(f"CNNFAST_CPU_GEMM must be one of {GEMM_CHOICES}, "
-                         f"got {_choice['gemm']!r}")
-    return _choice["gemm"]
+    return settings.get("cpu_gemm")
 
 
 def use_own(dtype) -> bool:
@@ -412,21 +409,17 @@ def restore_mxcsr(typingctx, old):
     return sig, codegen
 
 
-FLUSH_CHOICES = {"1": True, "0": False}
-_choice["flush"] = os.environ.get("CNNFAST_CPU_FLUSH_DENORMALS", "1").strip() or "1"
 
 
 def set_flush_denormals(on: bool) -> None:
     """Whether the CPU convolution kernels run with flush-to-zero and denormals-are-zero (the
     default; ``CNNFAST_CPU_FLUSH_DENORMALS=0`` turns it off): numbers below float32's smallest
     normal (1.2e-38) count as 0, so a layer fed tiny values runs at its usual speed."""
-    _choice["flush"] = "1" if on else "0"
+    settings.set_option("cpu_flush_denormals", bool(on))
 
 
 def get_flush_denormals() -> bool:
-    if _choice["flush"] not in FLUSH_CHOICES:
-        raise ValueError(f"CNNFAST_CPU_FLUSH_DENORMALS must be 0 or 1, got {_choice['flush']!r}")
-    return FLUSH_CHOICES[_choice["flush"]]
+    return settings.get("cpu_flush_denormals")
 
 
 @njit(nogil=True, cache=True, inline="always")
