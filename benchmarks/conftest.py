@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import os
 
-from cnnfast import config
+from cnnfast import config as cnnfast_config  # "config" is pytest's config here
 
-if config.get("bench_cuda_sim"):
+if cnnfast_config.get("bench_cuda_sim"):
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"   # before anything imports Numba (cnnfast does not)
 
 import pytest  # noqa: E402
@@ -91,7 +91,7 @@ def candidate(path):
     """The path's candidate, skipped when this machine cannot run it."""
     if path not in _candidates:
         _candidates[path] = bench.make_candidates(bench.Options(
-            paths=(path,), cuda_sim=config.cuda_simulated()))[0]
+            paths=(path,), cuda_sim=cnnfast_config.cuda_simulated()))[0]
     cand = _candidates[path]
     reason = cand.unavailable()
     if reason:

@@ -36,7 +36,13 @@ import cnnfast  # noqa: E402
 from cnnfast import functional as F  # noqa: E402
 from cnnfast import models, optim  # noqa: E402
 from cnnfast.backend import to_numpy  # noqa: E402
-from cnnfast.bench.shapes import ConvShape, conv_shapes, resnet18_conv_shapes  # noqa: E402
+from cnnfast.bench import (  # noqa: E402
+    ConvShape,
+    benchmark,
+    conv_shapes,
+    relative_error,
+    resnet18_conv_shapes,
+)
 from cnnfast.cuda import _runtime as rt  # noqa: E402
 from cnnfast.reference import activation as ref_act  # noqa: E402
 from cnnfast.reference import conv as ref_conv  # noqa: E402
@@ -60,15 +66,6 @@ def _sync():
         import cupy
 
         cupy.cuda.get_current_stream().synchronize()
-
-
-def relative_error(got, want) -> float:
-    """||got - want|| / ||want|| in float64; inf when got has a NaN or the shapes differ."""
-    g = to_numpy(got).astype(np.float64)
-    w = np.asarray(want, dtype=np.float64)
-    if g.shape != w.shape or not np.isfinite(g).all():
-        return math.inf
-    return float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-300))
 
 
 # --- shapes -------------------------------------------------------------------------------------
@@ -127,7 +124,7 @@ def check_ops(out_dir: Path) -> int:
     rows = []
 
     def record(op, shape_id, got, want, tolerance=F32_TOLERANCE):
-        err = relative_error(got, want)
+        err = relative_error(got, want, "l2")   # ||got - want|| / ||want||, in float64
         rows.append({"op": op, "shape": shape_id, "relative_error": err,
                      "ok": bool(err <= tolerance)})
 
@@ -238,7 +235,7 @@ def _check_training_step() -> list[dict]:
         # norm bias before a 1x1 map) has no meaningful relative error of its own
         keys = sorted(params["cpu"])
         worst = relative_error(np.concatenate([params["cuda"][k].ravel() for k in keys]),
-                               np.concatenate([params["cpu"][k].ravel() for k in keys]))
+                               np.concatenate([params["cpu"][k].ravel() for k in keys]), "l2")
         rows.append({"op": f"SmallCNN {steps} SGD steps vs cpu",
                      "shape": f"{nd}d {batch}x{size}",
                      "relative_error": worst, "ok": bool(worst <= 1e-3)})
@@ -261,33 +258,19 @@ def one_step(out_dir: Path) -> int:
 
 # --- (d) the benchmark -------------------------------------------------------------------------
 
-def _event_timer(event, elapsed, repeats: int, budget_ms: float = 1500.0):
-    """A function timing ``fn`` with CUDA events: the median ms of ``repeats`` runs, fewer (at
-    least 3) when one run would take the item past ``budget_ms``."""
-    def time_fn(fn):
-        times = []
-        while len(times) < repeats:
-            start, stop = event(), event()
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(elapsed(start, stop))
-            if len(times) >= 3 and sum(times) > budget_ms:
-                break
-        return float(np.median(times))
-    return time_fn
-
-
-def _timer(repeats: int):
-    import cupy
-
-    return _event_timer(cupy.cuda.Event, cupy.cuda.get_elapsed_time, repeats)
+def _timer(repeats: int, events: str = "cupy", budget_ms: float = 1500.0):
+    """A function timing ``fn`` with CUDA events by the one timer (cnnfast.bench.benchmark; the
+    callers warm up themselves): the median ms of ``repeats`` runs, fewer (at least 3) when one
+    run would take the item past ``budget_ms``."""
+    def time_ms(fn):
+        timing = benchmark(fn, repeats=repeats, warmup=0, events=events,
+                           max_duration=budget_ms / 1e3, min_repeats=3)
+        return float(np.median(timing.gpu_times) * 1e3)
+    return time_ms
 
 
 def _torch_timer(torch, repeats: int):
-    return _event_timer(lambda: torch.cuda.Event(enable_timing=True),
-                        lambda start, stop: start.elapsed_time(stop), repeats)
+    return _timer(repeats, events="torch")
 
 
 def _torch():
@@ -398,7 +381,7 @@ def _torch_conv(torch, s: ConvShape, x, w, gy, repeats, warmup) -> dict:
 
 
 def _torch_step(torch, model, x, target, repeats, warmup) -> dict:
-    from cnnfast.bench.mirror import torch_mirror
+    from cnnfast.bench import torch_mirror
 
     tmodel = torch_mirror(model).to("cuda")
     tmodel.load_state_dict({k: torch.from_numpy(to_numpy(v)) for k, v in

@@ -14,11 +14,13 @@ import pytest
 
 import cnnfast
 from cnnfast import bench, dispatch
+from cnnfast.bench import measuring, workloads
+from cnnfast.bench.cli import parser as bench_parser
 
 
 @pytest.fixture(autouse=True)
 def _short_samples(monkeypatch):
-    monkeypatch.setattr(bench.timing, "MIN_SAMPLE_S", 0.001)
+    monkeypatch.setattr(measuring, "MIN_SAMPLE_S", 0.001)
 
 
 def machine_threads_default() -> int:
@@ -279,7 +281,7 @@ def test_resnet18_shapes_match_the_model():
     records: list = []
     x = np.random.default_rng(0).standard_normal((1, bench.IN_CHANNELS, 28, 28))
     with dispatch.cpu_path("reference"), cnnfast.no_grad(), \
-            bench._record_layers(model, records):
+            workloads.record_layers(model, records):
         model(cnnfast.tensor(x.astype(np.float32)))
     convs = {m.weight.shape: m for m in model.modules() if isinstance(m, cnnfast.nn.Conv2d)}
     assert convs
@@ -305,7 +307,7 @@ def test_conv_flops_formula():
 
 
 def test_quick_selection_is_small():
-    options = bench.options_from_args(bench._parser().parse_args(["--quick"]))
+    options = bench.options_from_args(bench_parser().parse_args(["--quick"]))
     assert options.models == ("smallcnn", "resnet18")
     assert set(options.shapes) == set(bench.QUICK_SHAPES)
     assert options.memory_steps < 200
@@ -356,10 +358,18 @@ def test_relative_errors():
     assert bench.relative_error(a[:2], a) == math.inf
     assert bench.relative_error(np.array([1.0, np.nan, 3.0]), a) == math.inf
     assert bench.relative_error(np.array([1, 2]), np.array([1, 3])) == math.inf
-    assert bench.relative_l2_error(a, a) == 0
-    ok, err, _ = bench.compare_grads((1.0, {"w": a}), (1.0, {"w": copy.copy(a)}), 1e-6)
-    assert ok and err == 0
-    ok, _, what = bench.compare_grads((1.0, {}), (1.0, {"w": a}), 1e-2)
+    assert bench.relative_error(a, a, "l2") == 0
+    assert bench.relative_error(a * 1.01, a, "l2") == pytest.approx(0.01, rel=1e-3)
+    b = np.array([1.0, 2.0, 4.0])   # max-abs: 1/4; L2: 1/sqrt(21)
+    assert bench.relative_error(a, b) == pytest.approx(0.25)
+    assert bench.relative_error(a, b, "l2") == pytest.approx(1 / math.sqrt(21))
+    assert bench.relative_error(np.zeros(3), np.zeros(3), "l2") == 0
+    with pytest.raises(ValueError, match="norm"):
+        bench.relative_error(a, a, "l1")
+    step = (1.0, {"w": a})
+    ok, err32, err64, _, _ = bench.check_step(step, (1.0, {"w": copy.copy(a)}), step, step)
+    assert ok and err32 == err64 == 0
+    ok, _, _, _, what = bench.check_step((1.0, {}), step, step, step)
     assert not ok and "no gradient for w" in what
 
 
@@ -474,9 +484,9 @@ def test_a_worker_that_dies_is_an_error_and_the_run_goes_on():
 
 
 def test_in_process_option():
-    args = bench._parser().parse_args(["--in-process"])
+    args = bench_parser().parse_args(["--in-process"])
     assert bench.options_from_args(args).isolation == "in-process"
-    assert bench.options_from_args(bench._parser().parse_args([])).isolation == "process"
+    assert bench.options_from_args(bench_parser().parse_args([])).isolation == "process"
     report = bench.run_benchmarks(_options(isolation="in-process"))
     assert report["machine"]["workers"] == {"reference": os.getpid()}
     assert all(r["status"] == "ok" and "others_busy" in r for r in report["results"])
@@ -512,3 +522,55 @@ def test_scaling_sweep_writes_json_and_png(tmp_path, monkeypatch, capsys):
     assert next(p for p in points if p["model"] == "resnet18")["stem"] == "imagenet"
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "time/torch" in capsys.readouterr().out
+
+
+# --- the one timer ------------------------------------------------------------------------------
+
+def test_benchmark_warms_up_then_times_each_repeat():
+    calls, syncs = [], []
+    timing = bench.benchmark(lambda: calls.append(1), repeats=3, warmup=2, inner=4,
+                             sync=lambda: syncs.append(len(calls)))
+    assert len(calls) == 2 + 3 * 4
+    assert syncs == [2, 6, 10, 14]   # after the warm-up, then after each sample's inner calls
+    assert len(timing.cpu_times) == 3 and all(s > 0 for s in timing.cpu_times)
+    assert timing.gpu_times is None and timing.times == timing.cpu_times
+    stats = timing.stats()
+    assert stats["min_s"] <= stats["median_s"] <= stats["max_s"]
+    with pytest.raises(ValueError, match="repeats"):
+        bench.benchmark(lambda: None, repeats=0)
+    capped = bench.benchmark(lambda: calls.append(1), repeats=50, warmup=0, max_duration=0.0,
+                             min_repeats=3)   # cupyx's max_duration: stop once past it
+    assert len(capped.cpu_times) == 3
+    with pytest.raises(ValueError, match="events"):
+        bench.benchmark(lambda: None, repeats=1, events="opencl")
+
+
+def test_benchmark_times_what_it_runs():
+    import time
+
+    timing = bench.benchmark(lambda: time.sleep(0.01), repeats=2, warmup=0)
+    assert all(0.009 < s < 1.0 for s in timing.cpu_times)
+
+
+def test_add_ratios_pairs_rows_of_one_point():
+    rows = [{"id": "a", "path": "cpu", "median_s": 2.0}, {"id": "a", "path": "torch",
+                                                          "median_s": 4.0},
+            {"id": "b", "path": "cpu", "median_s": 3.0}, {"id": "b", "path": "torch",
+                                                          "median_s": None}]
+    measuring.add_ratios(rows, lambda r: r["id"], lambda path: "torch",
+                         {"median_s": "time_vs_torch"})
+    assert [r.get("time_vs_torch") for r in rows] == [0.5, 1.0, None, None]
+
+
+def test_worker_executor_offers_every_public_local_call():
+    from cnnfast.bench.executor import LocalExecutor, WorkerExecutor
+
+    worker = object.__new__(WorkerExecutor)   # no process: only the forwarding is looked at
+    public = [n for n, v in vars(LocalExecutor).items() if callable(v) and not n.startswith("_")]
+    assert "call" in public and "sample" in public
+    for name in public:
+        assert callable(getattr(worker, name)), name
+    for name in ("_work", "_state", "cand", "no_such_call"):
+        with pytest.raises(AttributeError):
+            getattr(worker, name)
+

@@ -57,62 +57,51 @@ steps minus before them, in MB.
 FLOPs: convolution (each of the three passes) ``2 * N * K * prod(O) * (C / groups) * prod(KS)``;
 a training step counts its convolutions and linear layers: 3x the forward (2x for a layer whose
 input needs no gradient).
+
+Modules, one idea each (each imports only those above it):
+:mod:`~cnnfast.bench.workloads` (shapes, op items, model specs), :mod:`~cnnfast.bench.paths` (the
+candidates under test, their trainers, the PyTorch mirror), :mod:`~cnnfast.bench.measuring` (the
+one timer, memory, the machine), :mod:`~cnnfast.bench.executor` (a candidate in this process or
+a worker of its own), :mod:`~cnnfast.bench.checks` (the one error measure, the correctness gate),
+:mod:`~cnnfast.bench.report` (tables, ``--compare``, plots), :mod:`~cnnfast.bench.runner` (the
+run), :mod:`~cnnfast.bench.scaling` (the scaling sweep), :mod:`~cnnfast.bench.cli`. This module
+holds the public API alone.
 """
 
 from __future__ import annotations
 
-from cnnfast.bench import timing
-from cnnfast.bench.candidates import (
-    PATHS,
-    Candidate,
-    KernelCandidate,
-    TorchCandidate,
-    family_kernels,
-    kernel_call,
-)
 from cnnfast.bench.checks import (
-    CHECK_FLOPS_FULL,
-    CHECK_FLOPS_QUICK,
-    F32_FLOOR,
-    F32_SCALE,
-    F64_TOLERANCE,
-    REFERENCE_MAX_REPEATS,
-    REFERENCE_MODELS,
-    REFERENCE_SETS,
-    TOLERANCE,
     CheckFailed,
     check_batch_for,
     check_op,
     check_step,
     checked_op,
     checked_step,
-    compare_grads,
-    compare_outputs,
     reference_timed,
     relative_error,
-    relative_l2_error,
 )
-from cnnfast.bench.cli import QUICK_MODELS, QUICK_SHAPES, _parser, main, options_from_args
+from cnnfast.bench.cli import QUICK_MODELS, QUICK_SHAPES, main, options_from_args
 from cnnfast.bench.executor import LocalExecutor, WorkerError, WorkerExecutor
-from cnnfast.bench.machine import (
-    OthersBusy,
+from cnnfast.bench.measuring import (
+    Timing,
+    benchmark,
     cpu_busy,
     cpu_model,
-    gpu_name,
-    load_average,
     machine_info,
     machine_threads,
-    versions,
+    summarize,
+    time_call,
 )
-from cnnfast.bench.memory import (
-    MB,
-    RssSampler,
-    measure_growth,
-    measure_step_memory,
-    release_free_memory,
-    rss_bytes,
+from cnnfast.bench.paths import (
+    PATHS,
+    Candidate,
+    CnnfastTrainer,
+    KernelCandidate,
+    TorchCandidate,
+    TorchTrainer,
+    Trainer,
+    torch_mirror,
 )
-from cnnfast.bench.mirror import torch_mirror
 from cnnfast.bench.report import (
     SCHEMA,
     UsageError,
@@ -121,45 +110,40 @@ from cnnfast.bench.report import (
     format_table,
     load_report,
 )
-from cnnfast.bench.runner import Options, Runner, make_candidates, run_benchmarks
-from cnnfast.bench.shapes import (
-    IN_CHANNELS,
-    NUM_CLASSES,
-    SET_GEOMETRY,
-    SETS,
-    ConvShape,
-    act_shape,
-    all_shape_ids,
-    conv_shapes,
-    resnet18_conv_shapes,
+from cnnfast.bench.runner import (
+    Options,
+    Runner,
+    make_candidate,
+    make_candidates,
+    make_executor,
+    run_benchmarks,
 )
-from cnnfast.bench.timing import Entry, inner_loops, round_robin
-from cnnfast.bench.trainers import CnnfastTrainer, TorchTrainer, Trainer
+from cnnfast.bench.scaling import run_scaling
 from cnnfast.bench.workloads import (
+    IN_CHANNELS,
     MODEL_SPECS,
     MODELS,
     OPS,
+    SETS,
+    ConvShape,
     ModelSpec,
     OpItem,
-    _record_layers,
+    all_shape_ids,
     build_model,
+    conv_shapes,
     op_items,
+    resnet18_conv_shapes,
 )
 
 __all__ = [
-    "CHECK_FLOPS_FULL", "CHECK_FLOPS_QUICK", "F32_FLOOR", "F32_SCALE", "F64_TOLERANCE",
-    "IN_CHANNELS", "MB", "MODELS", "MODEL_SPECS", "NUM_CLASSES", "OPS", "PATHS", "QUICK_MODELS",
-    "QUICK_SHAPES", "REFERENCE_MAX_REPEATS", "REFERENCE_MODELS", "REFERENCE_SETS", "SCHEMA",
-    "SETS", "SET_GEOMETRY", "TOLERANCE", "Candidate", "CheckFailed", "CnnfastTrainer",
-    "ConvShape", "Entry", "KernelCandidate", "LocalExecutor", "ModelSpec", "OpItem", "Options",
-    "OthersBusy", "RssSampler", "Runner", "TorchCandidate", "TorchTrainer", "Trainer",
-    "UsageError", "WorkerError", "WorkerExecutor", "_parser", "_record_layers", "act_shape",
-    "all_shape_ids", "build_model", "busy_note", "check_batch_for", "check_op", "check_step",
-    "checked_op", "checked_step", "compare_grads", "compare_outputs", "compare_reports",
-    "conv_shapes", "cpu_busy", "cpu_model", "family_kernels", "format_table", "gpu_name",
-    "inner_loops", "kernel_call", "load_average", "load_report", "machine_info",
-    "machine_threads", "main", "make_candidates", "measure_growth", "measure_step_memory",
-    "op_items", "options_from_args", "reference_timed", "relative_error", "relative_l2_error",
-    "release_free_memory", "resnet18_conv_shapes", "round_robin", "rss_bytes", "run_benchmarks",
-    "timing", "torch_mirror", "versions",
+    "IN_CHANNELS", "MODELS", "MODEL_SPECS", "OPS", "PATHS", "QUICK_MODELS", "QUICK_SHAPES",
+    "SCHEMA", "SETS", "Candidate", "CheckFailed", "CnnfastTrainer", "ConvShape", "KernelCandidate",
+    "LocalExecutor", "ModelSpec", "OpItem", "Options", "Runner", "Timing", "TorchCandidate",
+    "TorchTrainer", "Trainer", "UsageError", "WorkerError", "WorkerExecutor", "all_shape_ids",
+    "benchmark", "build_model", "busy_note", "check_batch_for", "check_op", "check_step",
+    "checked_op", "checked_step", "compare_reports", "conv_shapes", "cpu_busy", "cpu_model",
+    "format_table", "load_report", "machine_info", "machine_threads", "main", "make_candidate",
+    "make_candidates", "make_executor", "op_items", "options_from_args", "reference_timed",
+    "relative_error", "resnet18_conv_shapes", "run_benchmarks", "run_scaling", "summarize",
+    "time_call", "torch_mirror",
 ]

@@ -7,7 +7,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from cnnfast.bench.candidates import Candidate, KernelCandidate
+from cnnfast import dispatch
+from cnnfast.bench.executor import LocalExecutor
+from cnnfast.bench.paths import Candidate, KernelCandidate
 from cnnfast.bench.workloads import ModelSpec, OpItem
 
 REFERENCE_SETS = ("r18-28", "tiny")     # where the reference path is timed by default
@@ -29,15 +31,17 @@ F64_TOLERANCE = {"op": 1e-9, "loss": 1e-9, "grad": 1e-8}
 # matters, keeps a tight floor; so do ops, which have no masks to flip.
 F32_SCALE = 16.0
 F32_FLOOR = {"op": 1e-4, "loss": 1e-5, "grad": 0.1}
-# The tolerances the pytest-benchmark suites and older callers pass to compare_outputs/_grads.
-TOLERANCE = {"op": 1e-3, "step": 1e-2}
 
 
-
-def relative_error(got, expected) -> float:
-    """max |got - expected| / max |expected|; inf for a shape mismatch or non-finite values."""
-    got = np.asarray(got)
-    expected = np.asarray(expected)
+def relative_error(got, expected, norm: str = "max") -> float:
+    """The error measure of every check: ``norm="max"``: max |got - expected| / max |expected|
+    (ops); ``norm="l2"``: ||got - expected|| / ||expected|| (gradients; the GPU check). In
+    float64; a zero ``expected`` scales by 1. inf for a shape mismatch or a non-finite ``got``;
+    integer arrays (indices) must be equal (0 or inf). NumPy or CuPy arrays."""
+    if norm not in ("max", "l2"):
+        raise ValueError(f"norm must be 'max' or 'l2', got {norm!r}")
+    got = dispatch.to_device(got, "cpu")
+    expected = dispatch.to_device(expected, "cpu")
     if got.shape != expected.shape:
         return math.inf
     if expected.size == 0:
@@ -48,52 +52,11 @@ def relative_error(got, expected) -> float:
     e = expected.astype(np.float64)
     if not np.isfinite(g).all():
         return math.inf
-    scale = float(np.max(np.abs(e)))
-    return float(np.max(np.abs(g - e))) / (scale if scale > 0 else 1.0)
-
-
-def compare_outputs(got: Sequence, expected: Sequence, tol: float) -> tuple[bool, float, str]:
-    """(ok, worst error, what differed) over matching output tuples."""
-    if len(got) != len(expected):
-        return False, math.inf, f"{len(got)} outputs, expected {len(expected)}"
-    worst, what = 0.0, ""
-    for i, (g, e) in enumerate(zip(got, expected)):
-        err = relative_error(g, e)
-        if err > worst or math.isnan(err):
-            worst = err
-            what = (f"output {i}: shape {np.shape(g)} vs {np.shape(e)}" if np.shape(g) !=
-                    np.shape(e) else f"output {i}: relative error {err:.2e}")
-    return worst <= tol, worst, what
-
-
-def relative_l2_error(got, expected) -> float:
-    """||got - expected|| / ||expected||; inf for a shape mismatch or non-finite values."""
-    got = np.asarray(got, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    if got.shape != expected.shape or not np.isfinite(got).all():
-        return math.inf
-    norm = float(np.linalg.norm(expected))
-    return float(np.linalg.norm(got - expected)) / (norm if norm > 0 else 1.0)
-
-
-def compare_grads(got: tuple, expected: tuple, tol: float) -> tuple[bool, float, str]:
-    """A step's (loss, {name: gradient}) against the reference's: the loss and each gradient
-    within ``tol`` (relative L2)."""
-    loss, grads = got
-    ref_loss, ref_grads = expected
-    worst = abs(loss - ref_loss) / max(abs(ref_loss), 1e-12)
-    what = f"loss {loss:.6g} vs {ref_loss:.6g}"
-    if not math.isfinite(loss):
-        worst = math.inf
-    for name, ref in ref_grads.items():
-        g = grads.get(name)
-        if g is None:
-            return False, math.inf, f"no gradient for {name}"
-        err = relative_l2_error(g, ref)
-        if err > worst:
-            worst, what = err, f"gradient of {name}: relative error {err:.2e}"
-    return worst <= tol, worst, what
-
+    if norm == "l2":
+        scale, diff = float(np.linalg.norm(e)), float(np.linalg.norm(g - e))
+    else:
+        scale, diff = float(np.max(np.abs(e))), float(np.max(np.abs(g - e)))
+    return diff / (scale if scale > 0 else 1.0)
 
 
 def _verdict(checks: list[tuple[str, float, float]]) -> tuple[bool, float, str]:
@@ -151,9 +114,9 @@ def check_step(got32: tuple, got64: tuple, ref32: tuple,
     for name, ref in rg64.items():
         if g32.get(name) is None or g64.get(name) is None:
             return False, math.inf, math.inf, 0.0, f"no gradient for {name}"
-        e64 = relative_l2_error(g64[name], ref)
-        e32 = relative_l2_error(g32[name], ref)
-        t32 = max(F32_FLOOR["grad"], F32_SCALE * relative_l2_error(rg32[name], ref))
+        e64 = relative_error(g64[name], ref, "l2")
+        e32 = relative_error(g32[name], ref, "l2")
+        t32 = max(F32_FLOOR["grad"], F32_SCALE * relative_error(rg32[name], ref, "l2"))
         checks += [(f"gradient of {name} in float64", e64, F64_TOLERANCE["grad"]),
                    (f"gradient of {name} in float32", e32, t32)]
         err32, err64, tol32 = max(err32, e32), max(err64, e64), max(tol32, t32)
@@ -192,8 +155,6 @@ def checked_op(item: OpItem, cand: Candidate, check_batch: int | None = None) ->
     """Check ``cand`` on ``item`` against the float64 reference (:func:`check_op`; raise
     :class:`CheckFailed` when it differs), then return a callable running it at the full batch
     in float32, synchronised."""
-    from cnnfast.bench.executor import LocalExecutor
-
     n = check_batch or check_batch_for(item)
     oracle, ex = LocalExecutor(KernelCandidate("reference")), LocalExecutor(cand)
     ok, _, _, _, what = check_op(ex.op_result(item, n, np.float32)[0],
@@ -203,14 +164,12 @@ def checked_op(item: OpItem, cand: Candidate, check_batch: int | None = None) ->
     if not ok:
         raise CheckFailed(f"{cand.name} is WRONG on {item.id} (checked at batch {n}): {what}")
     key = ex.prepare_op(item)
-    return lambda: ex.sample(key)
+    return lambda: ex.call(key)
 
 
 def checked_step(spec: ModelSpec, cand: Candidate, seed: int = 0) -> Callable[[], None]:
     """Check a training step of ``cand`` against the float64 reference (:func:`check_step`, at
     ``spec.check_batch``), then return one full float32 training step at ``spec.batch``."""
-    from cnnfast.bench.executor import LocalExecutor
-
     oracle, ex = LocalExecutor(KernelCandidate("reference")), LocalExecutor(cand)
     ref64 = oracle.step_result(spec, seed, np.float64)[0]
     ref32 = oracle.step_result(spec, seed, np.float32)[0]
@@ -220,4 +179,4 @@ def checked_step(spec: ModelSpec, cand: Candidate, seed: int = 0) -> Callable[[]
         raise CheckFailed(f"{cand.name} is WRONG on the {spec.name} step (checked at batch "
                           f"{spec.check_batch}): {what}")
     key = ex.prepare_step(spec)
-    return ex._work[key][0]
+    return lambda: ex.call(key)

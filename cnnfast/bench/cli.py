@@ -14,12 +14,19 @@ import numpy as np
 
 from cnnfast import dispatch
 from cnnfast._io import atomic_write
-from cnnfast.bench.candidates import PATHS
-from cnnfast.bench.machine import machine_threads
-from cnnfast.bench.report import UsageError, compare_reports, format_table, load_report
+from cnnfast.bench.measuring import machine_threads
+from cnnfast.bench.paths import PATHS
+from cnnfast.bench.report import (
+    UsageError,
+    compare_reports,
+    format_scaling,
+    format_table,
+    load_report,
+    plot_scaling,
+)
 from cnnfast.bench.runner import Options, run_benchmarks
-from cnnfast.bench.shapes import SETS, ConvShape, all_shape_ids
-from cnnfast.bench.workloads import MODELS, OPS
+from cnnfast.bench.scaling import run_scaling
+from cnnfast.bench.workloads import MODELS, OPS, SETS, ConvShape, all_shape_ids
 
 QUICK_SHAPES = ("r18-28.stem", "r18-28.layer1", "r18-28.layer3.down", "r18-28.layer4.ds",
                 "r18-64.layer3.ds", "r18-3d.layer4.down", "r18-28.act")
@@ -28,13 +35,12 @@ _DESCRIPTION = ("Benchmark runner: every kernel path side by side with PyTorch, 
                 "before it is timed.")
 
 
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cnnfast bench", description=_DESCRIPTION,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     """``cnnfast bench``: run the benchmarks (or ``--compare`` two reports). Returns the exit code:
     0 ok, 1 a regression flagged by ``--compare``, 2 bad input."""
     try:
-        args = _parser().parse_args(argv)
+        args = parser().parse_args(argv)
         if args.compare:
             old, new = (load_report(p) for p in args.compare)
             if args.threshold < 0:
@@ -213,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _scaling(args) -> int:
     """``--scaling``: run the sweep, print it, write the JSON and the PNG."""
-    from cnnfast.bench.scaling import format_scaling, plot_scaling, run_scaling
-
     paths = _choices(args.paths, ("reference", "cpu", "torch"), "path") or ("cpu", "torch")
     models = _choices(args.models, MODELS, "model", {"resnet18-3d": "resnet18_3d"}) or MODELS
     if args.repeats is not None and args.repeats < 1:

@@ -26,10 +26,15 @@ from collections.abc import Callable
 import numpy as np
 
 import cnnfast
-from cnnfast.bench.candidates import Candidate, KernelCandidate, TorchCandidate
-from cnnfast.bench.memory import measure_growth, measure_step_memory
-from cnnfast.bench.timing import _timed
-from cnnfast.bench.workloads import ModelSpec, OpItem, _model_data, build_model
+from cnnfast.bench.measuring import measure_growth, measure_step_memory, time_call
+from cnnfast.bench.paths import Candidate, KernelCandidate, TorchCandidate
+from cnnfast.bench.workloads import (
+    ModelSpec,
+    OpItem,
+    build_model,
+    model_data,
+    step_flops_per_sample,
+)
 
 
 def _cast(a: np.ndarray, dtype) -> np.ndarray:
@@ -41,8 +46,8 @@ def set_threads(cand: Candidate, n: int) -> dict:
     returns what each library reports using."""
     used = {}
     if isinstance(cand, TorchCandidate) and cand.unavailable() is None:
-        cand._torch.set_num_threads(n)
-        used["torch"] = cand._torch.get_num_threads()
+        cand.torch.set_num_threads(n)
+        used["torch"] = cand.torch.get_num_threads()
     if getattr(cand, "path", None) == "cpu":
         try:
             import numba
@@ -72,7 +77,7 @@ class LocalExecutor:
     def start(self, threads: int) -> tuple[str | None, dict, int]:
         """(why this candidate cannot run here or None, threads its library uses, the id of
         the process it runs in)."""
-        from cnnfast.cpu._malloc import tune_malloc
+        from cnnfast.cpu import tune_malloc
 
         tune_malloc()   # every candidate, PyTorch too, runs with the allocator cnnfast users get
         reason = self.cand.unavailable()
@@ -108,17 +113,15 @@ class LocalExecutor:
         """((loss, {name: gradient}), seconds, step FLOPs per sample) of one forward + backward
         at the initial weights, at ``spec.check_batch``, in ``dtype``. A float32 trainer is
         kept for :meth:`prepare_step`."""
-        from cnnfast.bench.workloads import _step_flops_per_sample
-
         trainer = self.cand.trainer(spec, self._state(spec, seed))
         if dtype != np.float32:
             trainer.to_dtype(dtype)
-        x, y = _model_data(spec, spec.check_batch)
+        x, y = model_data(spec, spec.check_batch)
         start = time.perf_counter()
         got = trainer.check(_cast(x, dtype), y)
         seconds = time.perf_counter() - start
         records = getattr(trainer, "records", None)
-        flops = _step_flops_per_sample(records) if records else None
+        flops = step_flops_per_sample(records) if records else None
         if dtype == np.float32:
             self._work[f"trainer/{spec.name}"] = (trainer.step, trainer)
         return got, seconds, flops
@@ -135,7 +138,7 @@ class LocalExecutor:
     def prepare_step(self, spec: ModelSpec) -> str:
         key = f"step/{spec.name}"
         run, trainer = self._work.pop(f"trainer/{spec.name}")
-        trainer.prepare(*_model_data(spec, spec.batch))
+        trainer.prepare(*model_data(spec, spec.batch))
         self._work[key] = (run, trainer)
         return key
 
@@ -143,7 +146,7 @@ class LocalExecutor:
         """A float32 training step at ``spec.batch``, not checked (the scaling sweep: the main
         run checks these models); returns its key."""
         trainer = self.cand.trainer(spec, self._state(spec, seed))
-        trainer.prepare(*_model_data(spec, spec.batch))
+        trainer.prepare(*model_data(spec, spec.batch))
         key = f"scaling/{spec.name}/{spec.stem}/{spec.input_shape}/{spec.batch}"
         self._work[key] = (trainer.step, trainer)
         self._states.clear()
@@ -154,9 +157,14 @@ class LocalExecutor:
         The process's CPU time per call (all its threads) is kept for :meth:`cpu_times`."""
         gc.collect(1)   # what earlier samples left in the young generations, untimed
         c0 = time.process_time()
-        seconds = _timed(self._work[key][0], self.cand.sync, inner)
+        seconds = time_call(self._work[key][0], self.cand.sync, inner)
         self._cpu.setdefault(key, []).append((time.process_time() - c0) / inner)
         return seconds
+
+    def call(self, key: str) -> None:
+        """Run the prepared work ``key`` once, synchronised (no timing: pytest-benchmark's)."""
+        self._work[key][0]()
+        self.cand.sync()
 
     def cpu_times(self, key: str) -> list[float]:
         """CPU seconds per call of each sample of ``key`` since the last call; a measure that
@@ -179,10 +187,6 @@ class LocalExecutor:
 
 class WorkerError(RuntimeError):
     """A call failed in the worker process; the message carries its traceback's last line."""
-
-
-_CALLS = ("start", "unavailable_for", "op_result", "step_result", "prepare_op", "prepare_step",
-          "prepare_unchecked", "sample", "cpu_times", "memory", "growth", "release")
 
 
 def _worker_main(conn, cand: Candidate, env: dict) -> None:
@@ -234,7 +238,8 @@ class WorkerExecutor:
         return reply[1]
 
     def __getattr__(self, method: str):
-        if method not in _CALLS:
+        # Every public method of LocalExecutor, run in the worker (close is this class's own).
+        if method.startswith("_") or not callable(getattr(LocalExecutor, method, None)):
             raise AttributeError(method)
         return lambda *args: self._call(method, *args)
 

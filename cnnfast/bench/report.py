@@ -1,4 +1,5 @@
-"""The report: the printed table, the busy-machine warning and ``--compare`` of two reports."""
+"""The report: the printed table, the busy-machine warning, ``--compare`` of two reports, and the
+scaling sweep's table and plot."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ OLD_SCHEMAS = ("cnnfast-bench/1",)
 
 class UsageError(Exception):
     """Bad command-line input: reported as one line, exit status 2."""
-
 
 
 def _fmt_time(s: float | None) -> str:
@@ -155,7 +155,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-
 def load_report(path: str) -> dict:
     try:
         with open(path) as f:
@@ -225,3 +224,61 @@ def compare_reports(old: dict, new: dict, threshold: float = 0.10,
     lines.append(f"{len(regressions)} regression(s)" if regressions else "no regressions")
     return regressions, "\n".join(lines)
 
+
+# --- the scaling sweep (cnnfast.bench.scaling) ----------------------------------------------------
+
+def format_scaling(report: dict) -> str:
+    repeats = report["options"]["repeats"]
+    lines = [f"cnnfast bench --scaling  {report['created']}  (median of {repeats} alternating "
+             "steps; time/torch < 1: faster than PyTorch)",
+             f"{'model':<12} {'sweep':<8} {'shape':<14} {'batch':>5} {'thr':>3}  "
+             f"{'path':<6} {'step':>10} {'per sample':>11} {'time/torch':>10}"]
+    for r in report["points"]:
+        shape = "x".join(map(str, r["input_shape"][1:]))
+        if r["status"] != "ok":
+            lines.append(f"{r['model']:<12} {r['sweep']:<8} {shape:<14} {r['batch']:>5} "
+                         f"{r['threads']:>3}  {r['path']:<6} {r['status']} {r['reason']}")
+            continue
+        ratio = "-" if r["time_vs_torch"] is None else f"{r['time_vs_torch']:.2f}"
+        lines.append(f"{r['model']:<12} {r['sweep']:<8} {shape:<14} {r['batch']:>5} "
+                     f"{r['threads']:>3}  {r['path']:<6} {r['median_s'] * 1e3:>8.1f}ms "
+                     f"{r['median_s'] * 1e3 / r['batch']:>9.2f}ms {ratio:>10}")
+    lines.append(f"wall time {report['wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def plot_scaling(report: dict, path: str) -> None:
+    """A PNG: one panel per (model, sweep), step time (batch sweep: per sample) per path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cnnfast._io import atomic_write
+
+    panels = sorted({(r["model"], r["sweep"]) for r in report["points"]})
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (model, sweep) in zip(axes.flat, panels):
+        pts = [r for r in report["points"] if r["model"] == model and r["sweep"] == sweep
+               and r["status"] == "ok"]
+        xname = {"batch": "batch", "size": "size", "threads": "threads"}[sweep]
+        for p in sorted({r["path"] for r in pts}):
+            mine = sorted((r for r in pts if r["path"] == p), key=lambda r: r[xname])
+            ys = [r["median_s"] * 1e3 / (r["batch"] if sweep == "batch" else 1) for r in mine]
+            ax.plot([r[xname] for r in mine], ys, marker="o", label=p)
+        ax.set_title(f"{model}: {sweep}")
+        ax.set_xlabel(xname)
+        ax.set_ylabel("ms per sample" if sweep == "batch" else "ms per step")
+        if sweep in ("batch", "size"):
+            ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.legend()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"training-step scaling, {report['machine'].get('cpu')}")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
+    plt.close(fig)

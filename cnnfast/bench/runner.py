@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from cnnfast.bench.candidates import PATHS, Candidate, KernelCandidate, TorchCandidate
 from cnnfast.bench.checks import (
     REFERENCE_MAX_REPEATS,
     check_batch_for,
@@ -23,16 +22,20 @@ from cnnfast.bench.checks import (
     reference_timed,
 )
 from cnnfast.bench.executor import LocalExecutor, WorkerExecutor
-from cnnfast.bench.machine import (
+from cnnfast.bench.measuring import (
+    Entry,
+    add_ratios,
     blas_info,
     cpu_busy,
     gpu_name,
+    inner_loops,
     machine_info,
     machine_threads,
+    round_robin,
     versions,
 )
+from cnnfast.bench.paths import PATHS, Candidate, KernelCandidate, TorchCandidate
 from cnnfast.bench.report import SCHEMA
-from cnnfast.bench.timing import Entry, inner_loops, round_robin
 from cnnfast.bench.workloads import MODEL_SPECS, MODELS, OPS, ModelSpec, OpItem, op_items
 
 # Environment variables that decide how the libraries' thread pools wait (benchmarks/README.md,
@@ -65,20 +68,21 @@ class Options:
     seed: int = 0
     isolation: str = "process"            # "process": a worker per candidate; or "in-process"
 
+
+def make_candidate(path: str, cuda_sim: bool = False) -> Candidate:
+    """The candidate of one of :data:`PATHS` (``cuda_sim``: the cuda path may run simulated)."""
+    if path in ("torch", "cudnn"):
+        return TorchCandidate(path)
+    return KernelCandidate(path, cuda_sim_allowed=cuda_sim)
+
+
 def make_candidates(options: Options) -> list[Candidate]:
-    cands: list[Candidate] = []
-    for name in options.paths:
-        if name in ("torch", "cudnn"):
-            cands.append(TorchCandidate(name))
-        else:
-            cands.append(KernelCandidate(name, cuda_sim_allowed=options.cuda_sim))
-    return cands
+    return [make_candidate(name, options.cuda_sim) for name in options.paths]
 
 
-def _executor(cand: Candidate, options: Options):
-    if options.isolation == "in-process":
-        return LocalExecutor(cand)
-    return WorkerExecutor(cand)
+def make_executor(cand: Candidate, isolation: str = "process") -> LocalExecutor | WorkerExecutor:
+    """A worker process of its own for ``cand`` (``isolation="process"``), or this process."""
+    return LocalExecutor(cand) if isolation == "in-process" else WorkerExecutor(cand)
 
 
 class Runner:
@@ -155,33 +159,48 @@ class Runner:
             row["status"], row["reason"] = "WRONG", what
         return ok
 
+    def _checked(self, active: list, check_batch: int, refs: tuple, result, verdict, prepare,
+                 gflop: float | None) -> list[Entry]:
+        """Check each active candidate against the float64 oracle's ``refs`` (its float32 and
+        float64 results, ``result(executor, dtype) -> (outputs, seconds)``, judged by
+        ``verdict``), and prepare the ones that pass for timing (``prepare(executor) -> key``).
+        Returns their entries; the other rows say WRONG or ERROR and why."""
+        ref32, ref64 = refs
+        entries = []
+        for ex, row in active:
+            row["check_batch"] = check_batch
+            try:
+                got32, row["first_call_s"] = result(ex, np.float32)
+                got64, _ = result(ex, np.float64)
+                if not self._judge(row, verdict(got32, got64, ref32, ref64)):
+                    continue
+                del got32, got64
+                key = prepare(ex)
+                row["status"], row["gflop"] = "ok", gflop
+                entries.append(Entry(ex, key, row))
+            except Exception as e:  # noqa: BLE001 - one broken path must not stop the run
+                row["status"], row["reason"] = "ERROR", f"{type(e).__name__}: {e}"
+        return entries
+
     def run_item(self, item: OpItem) -> None:
         rows, active = self._rows_and_active(item, item.id, item.op, item.phase, item.shape_id,
                                              item.set_name, item.label, item.batch)
         entries = []
         if active:
-            n_check = self._check_batch(item)
-            ref32, _ = self.oracle.op_result(item, n_check, np.float32)
-            ref64, _ = self.oracle.op_result(item, n_check, np.float64)
-        for ex, row in active:
-            row["check_batch"] = n_check
-            try:
-                got32, row["first_call_s"] = ex.op_result(item, n_check, np.float32)
-                got64, _ = ex.op_result(item, n_check, np.float64)
-                if not self._judge(row, check_op(got32, got64, ref32, ref64)):
-                    continue
-                del got32, got64
-                key = ex.prepare_op(item)
-                row["status"] = "ok"
-                row["gflop"] = None if item.flops() is None else item.flops() / 1e9
-                entries.append(Entry(ex, key, row))
-            except Exception as e:  # noqa: BLE001 - one broken path must not stop the run
-                row["status"], row["reason"] = "ERROR", f"{type(e).__name__}: {e}"
-        if active:
-            del ref32, ref64
+            n = self._check_batch(item)
+
+            def result(ex, dtype):
+                return ex.op_result(item, n, dtype)
+
+            refs = (result(self.oracle, np.float32)[0], result(self.oracle, np.float64)[0])
+            gflop = None if item.flops() is None else item.flops() / 1e9
+            entries = self._checked(active, n, refs, result, check_op,
+                                    lambda ex: ex.prepare_op(item), gflop)
+            del refs
         self._time(entries)
         for e in entries:
-            e.executor.release(e.key)
+            with contextlib.suppress(Exception):  # a worker that died: its row says so
+                e.executor.release(e.key)
         self.results.extend(rows)
 
     def _time(self, entries: list[Entry]) -> None:
@@ -197,12 +216,7 @@ class Runner:
             e.repeats = self._repeats(e.row["path"], t)
             e.inner = inner_loops(t)
         entries[:] = [e for e in entries if e.row["status"] == "ok"]
-        try:
-            round_robin(entries)
-        except Exception as ex:  # noqa: BLE001 - a worker that died while timing
-            for e in entries:
-                if "median_s" not in e.row or e.row["median_s"] is None:
-                    e.row["status"], e.row["reason"] = "ERROR", f"{type(ex).__name__}: {ex}"
+        round_robin(entries)
         for e in entries:
             if e.row.get("gflop") and e.row.get("median_s"):
                 e.row["gflops"] = e.row["gflop"] / e.row["median_s"]
@@ -229,25 +243,16 @@ class Runner:
                                              label, spec.batch)
         entries = []
         if active:
+            def result(ex, dtype):
+                got, seconds, _ = ex.step_result(spec, self.o.seed, dtype)
+                return got, seconds
+
             ref32, _, flops = self.oracle.step_result(spec, self.o.seed, np.float32)
-            ref64, _, _ = self.oracle.step_result(spec, self.o.seed, np.float64)
+            refs = (ref32, result(self.oracle, np.float64)[0])
             self.oracle.close()
-            flops = flops * spec.batch
-        for ex, row in active:
-            row["check_batch"] = spec.check_batch
-            try:
-                got32, row["first_call_s"], _ = ex.step_result(spec, self.o.seed, np.float32)
-                got64, _, _ = ex.step_result(spec, self.o.seed, np.float64)
-                if not self._judge(row, check_step(got32, got64, ref32, ref64)):
-                    continue
-                del got32, got64
-                key = ex.prepare_step(spec)
-                row["status"], row["gflop"] = "ok", flops / 1e9
-                entries.append(Entry(ex, key, row))
-            except Exception as e:  # noqa: BLE001
-                row["status"], row["reason"] = "ERROR", f"{type(e).__name__}: {e}"
-        if active:
-            del ref32, ref64
+            entries = self._checked(active, spec.check_batch, refs, result, check_step,
+                                    lambda ex: ex.prepare_step(spec), flops * spec.batch / 1e9)
+            del ref32, refs
         self._time(entries)
         for e in entries:
             if e.row["status"] != "ok":
@@ -263,7 +268,7 @@ class Runner:
         """Start an executor per candidate (a worker process unless in-process)."""
         for cand in self.cands:
             try:
-                ex = self.execs[cand.name] = _executor(cand, self.o)
+                ex = self.execs[cand.name] = make_executor(cand, self.o.isolation)
                 reason, threads, self.pids[cand.name] = ex.start(self.o.threads)
             except Exception as e:  # noqa: BLE001 - a worker that cannot start
                 reason, threads = f"{type(e).__name__}: {e}", {}
@@ -308,20 +313,15 @@ class Runner:
 
     def _ratios(self) -> None:
         """``time_vs_torch = t_path / t_peer``, the peer being PyTorch on the same kind of device
-        (< 1: faster than PyTorch)."""
+        (< 1: faster than PyTorch); ``cpu_vs_torch`` the same for CPU time, where each path ran
+        in its own process (in one process, CPU time counts every path's threads)."""
         peer = {"cpu": "torch", "gpu": "cudnn"}
         kinds = {c.name: c.device_kind for c in self.cands}
-        kinds.setdefault("reference", "cpu")
-        by_id: dict[str, dict[str, dict]] = {}
-        for row in self.results:
-            by_id.setdefault(row["id"], {})[row["path"]] = row
-        for rows in by_id.values():
-            for path, row in rows.items():
-                ref = rows.get(peer[kinds.get(path, "cpu")])
-                if row.get("median_s") and ref and ref.get("median_s"):
-                    row["time_vs_torch"] = row["median_s"] / ref["median_s"]
-                if row.get("cpu_s") and ref and ref.get("cpu_s") and self.o.isolation == "process":
-                    row["cpu_vs_torch"] = row["cpu_s"] / ref["cpu_s"]
+        ratios = {"median_s": "time_vs_torch"}
+        if self.o.isolation == "process":
+            ratios["cpu_s"] = "cpu_vs_torch"
+        add_ratios(self.results, lambda row: row["id"], lambda path: peer[kinds.get(path, "cpu")],
+                   ratios)
 
 
 def _progress(total: int, enabled: bool):
@@ -348,10 +348,10 @@ def run_benchmarks(options: Options, candidates: list[Candidate] | None = None) 
     options.threads = options.threads or machine_threads()
     runner = Runner(options, candidates)
     started = _dt.datetime.now().astimezone()
-    machine = machine_info(options)          # the load before the run
+    machine = machine_info(options.threads)  # the load before the run
     # The oracle runs here; every candidate, PyTorch too, runs with the allocator settings a
     # cnnfast user gets (each executor applies them in its own process).
-    from cnnfast.cpu._malloc import tune_malloc
+    from cnnfast.cpu import tune_malloc
 
     machine["malloc"] = tune_malloc()
     machine["isolation"] = options.isolation

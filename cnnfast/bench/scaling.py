@@ -17,17 +17,20 @@ The steps are not checked here: the main run checks the same models (``--ops ste
 from __future__ import annotations
 
 import datetime as _dt
-import math
-import statistics
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
-from cnnfast.bench.candidates import KernelCandidate, TorchCandidate
 from cnnfast.bench.executor import LocalExecutor, WorkerExecutor
-from cnnfast.bench.machine import OthersBusy, machine_info, machine_threads, versions
-from cnnfast.bench.shapes import IN_CHANNELS
-from cnnfast.bench.workloads import ModelSpec
+from cnnfast.bench.measuring import (
+    Entry,
+    add_ratios,
+    machine_info,
+    machine_threads,
+    round_robin,
+    versions,
+)
+from cnnfast.bench.runner import make_candidate, make_executor
+from cnnfast.bench.workloads import IN_CHANNELS, ModelSpec
 
 SCALING_SCHEMA = "cnnfast-bench-scaling/1"
 # model -> (base batch, base size, batches, sizes, thread sweep?)
@@ -72,13 +75,6 @@ def scaling_points(models, full: bool = False, threads: int = 2) -> list[Point]:
     return points
 
 
-def _stats(times: list[float]) -> dict:
-    ts = sorted(times)
-    q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
-    return {"median_s": statistics.median(ts), "iqr_s": q[2] - q[0], "min_s": ts[0],
-            "times_s": times}
-
-
 def run_scaling(models=("smallcnn", "resnet18", "resnet18_3d"), paths=("cpu", "torch"),
                 full: bool = False, repeats: int = 3, threads: int = 0, seed: int = 0,
                 isolation: str = "process", progress=None) -> dict:
@@ -86,7 +82,7 @@ def run_scaling(models=("smallcnn", "resnet18", "resnet18_3d"), paths=("cpu", "t
     threads = threads or machine_threads()
     points = scaling_points(models, full, threads)
     started = _dt.datetime.now().astimezone()
-    machine = machine_info(SimpleNamespace(threads=threads))
+    machine = machine_info(threads)
     execs: dict[tuple[str, int], LocalExecutor | WorkerExecutor] = {}
     unavailable: dict[str, str] = {}
     rows: list[dict] = []
@@ -94,9 +90,7 @@ def run_scaling(models=("smallcnn", "resnet18", "resnet18_3d"), paths=("cpu", "t
     try:
         for path in paths:
             for n in sorted({p.threads for p in points}):
-                cand = TorchCandidate(path) if path in ("torch", "cudnn") else KernelCandidate(path)
-                ex = (LocalExecutor(cand) if isolation == "in-process" else WorkerExecutor(cand))
-                execs[(path, n)] = ex
+                ex = execs[(path, n)] = make_executor(make_candidate(path), isolation)
                 reason, _, _ = ex.start(n)
                 if reason:
                     unavailable[path] = reason
@@ -107,7 +101,8 @@ def run_scaling(models=("smallcnn", "resnet18", "resnet18_3d"), paths=("cpu", "t
     finally:
         for ex in execs.values():
             ex.close()
-    _ratios(rows)
+    add_ratios(rows, lambda r: (r["sweep"], r["model"], r["size"], r["batch"], r["threads"]),
+               lambda path: "torch", {"median_s": "time_vs_torch"})
     return {"schema": SCALING_SCHEMA, "created": started.isoformat(timespec="seconds"),
             "wall_s": time.perf_counter() - t0, "machine": machine, "versions": versions(),
             "options": {"models": list(models), "paths": list(paths), "full": full,
@@ -131,92 +126,15 @@ def _time_point(point: Point, paths, execs, unavailable, repeats: int, seed: int
         try:
             key = ex.prepare_unchecked(spec, seed)
             row["warmup_s"] = ex.sample(key, 1)
-            active.append((ex, key, row, []))
+            active.append(Entry(ex, key, row, repeats=repeats))
         except Exception as e:  # noqa: BLE001 - one failing point must not stop the sweep
             row["status"], row["reason"] = "ERROR", f"{type(e).__name__}: {e}"
-    pids = {getattr(ex, "pid", 0) for ex, _, _, _ in active}
-    with OthersBusy(pids) as others:
-        for r in range(repeats):
-            shift = r % max(len(active), 1)
-            for ex, key, row, times in active[shift:] + active[:shift]:
-                try:
-                    times.append(ex.sample(key, 1))
-                except Exception as e:  # noqa: BLE001
-                    row["status"], row["reason"] = "ERROR", f"{type(e).__name__}: {e}"
-    for ex, key, row, times in active:
-        if times and row["status"] != "ERROR":
-            row.update(_stats(times), status="ok", others_busy=others.cores)
+    round_robin(active)
+    for e in active:
+        if e.row["status"] != "ERROR":
+            e.row["status"] = "ok"
         try:
-            ex.release(key)
+            e.executor.release(e.key)
         except Exception:  # noqa: BLE001 - a dead worker: its row already says so
             pass
     return rows
-
-
-def _ratios(rows: list[dict]) -> None:
-    """time_vs_torch = t_path / t_torch at the same point (< 1: faster than PyTorch)."""
-    def key(r):
-        return (r["sweep"], r["model"], r["size"], r["batch"], r["threads"])
-
-    torch = {key(r): r["median_s"] for r in rows if r["path"] == "torch" and r["median_s"]}
-    for r in rows:
-        t = torch.get(key(r))
-        if r["median_s"] and t:
-            r["time_vs_torch"] = r["median_s"] / t
-
-
-def format_scaling(report: dict) -> str:
-    repeats = report["options"]["repeats"]
-    lines = [f"cnnfast bench --scaling  {report['created']}  (median of {repeats} alternating "
-             "steps; time/torch < 1: faster than PyTorch)",
-             f"{'model':<12} {'sweep':<8} {'shape':<14} {'batch':>5} {'thr':>3}  "
-             f"{'path':<6} {'step':>10} {'per sample':>11} {'time/torch':>10}"]
-    for r in report["points"]:
-        shape = "x".join(map(str, r["input_shape"][1:]))
-        if r["status"] != "ok":
-            lines.append(f"{r['model']:<12} {r['sweep']:<8} {shape:<14} {r['batch']:>5} "
-                         f"{r['threads']:>3}  {r['path']:<6} {r['status']} {r['reason']}")
-            continue
-        ratio = "-" if r["time_vs_torch"] is None else f"{r['time_vs_torch']:.2f}"
-        lines.append(f"{r['model']:<12} {r['sweep']:<8} {shape:<14} {r['batch']:>5} "
-                     f"{r['threads']:>3}  {r['path']:<6} {r['median_s'] * 1e3:>8.1f}ms "
-                     f"{r['median_s'] * 1e3 / r['batch']:>9.2f}ms {ratio:>10}")
-    lines.append(f"wall time {report['wall_s']:.1f} s")
-    return "\n".join(lines)
-
-
-def plot_scaling(report: dict, path: str) -> None:
-    """A PNG: one panel per (model, sweep), step time (batch sweep: per sample) per path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cnnfast._io import atomic_write
-
-    panels = sorted({(r["model"], r["sweep"]) for r in report["points"]})
-    cols = 3
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, (model, sweep) in zip(axes.flat, panels):
-        pts = [r for r in report["points"] if r["model"] == model and r["sweep"] == sweep
-               and r["status"] == "ok"]
-        xname = {"batch": "batch", "size": "size", "threads": "threads"}[sweep]
-        for p in sorted({r["path"] for r in pts}):
-            mine = sorted((r for r in pts if r["path"] == p), key=lambda r: r[xname])
-            ys = [r["median_s"] * 1e3 / (r["batch"] if sweep == "batch" else 1) for r in mine]
-            ax.plot([r[xname] for r in mine], ys, marker="o", label=p)
-        ax.set_title(f"{model}: {sweep}")
-        ax.set_xlabel(xname)
-        ax.set_ylabel("ms per sample" if sweep == "batch" else "ms per step")
-        if sweep in ("batch", "size"):
-            ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.legend()
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.suptitle(f"training-step scaling, {report['machine'].get('cpu')}")
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=90)
-    plt.close(fig)
