@@ -199,5 +199,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         return loss.reshape(() if one_sample else per_row_shape)
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / float(row_weight.sum())
+    total = float(row_weight.sum())
+    if total == 0:  # every target ignored: NaN, with the zero gradient PyTorch gives
+        return loss.sum() + float("nan")
+    return loss.sum() / total
 

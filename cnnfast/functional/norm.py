@@ -126,6 +126,8 @@ def _batch_norm(x, running_mean, running_var, weight=None, bias=None, training: 
     rv = None if stats["running_var"] is None else stats["running_var"].data
     if (rm is None) != (rv is None):
         raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    if x.size == 0:  # nothing to normalise; the running statistics stay (PyTorch)
+        return x.reshape(shape) * 1.0
     if training:
         if x.size // C <= 1:
             raise ValueError(f"{op}: training needs more than one value per channel, got input "

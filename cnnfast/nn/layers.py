@@ -16,6 +16,10 @@ from cnnfast.tensor import Tensor
 
 IntOrTuple = int | Sequence[int]
 
+# nn's padding_mode -> F.pad's mode
+PADDING_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
+                 "circular": "circular"}
+
 
 class Identity(Module):
     def forward(self, x):
@@ -81,9 +85,13 @@ class _ConvNd(Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntOrTuple,
                  stride: IntOrTuple = 1, padding: IntOrTuple = 0, dilation: IntOrTuple = 1,
-                 groups: int = 1, bias: bool = True, dtype=np.float32, rng=None):
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None,
+                 dtype=np.float32, rng=None):
         super().__init__()
         name = type(self).__name__
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"{name}: padding_mode must be one of {PADDING_MODES}, "
+                             f"got {padding_mode!r}")
         for arg, value in (("in_channels", in_channels), ("out_channels", out_channels),
                            ("groups", groups)):
             if not isinstance(value, int) or value < 1:
@@ -94,9 +102,12 @@ class _ConvNd(Module):
         kernel = ntuple(kernel_size, self.nd, name, "kernel_size", 1)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel
         self.stride = ntuple(stride, self.nd, name, "stride", 1)
-        self.padding = ntuple(padding, self.nd, name, "padding", 0)
         self.dilation = ntuple(dilation, self.nd, name, "dilation", 1)
-        self.groups = groups
+        if padding == "same" and max(self.stride) > 1:
+            raise ValueError(f"{name}: padding='same' needs stride 1, got stride {self.stride}")
+        self.padding = (padding if padding in ("same", "valid")
+                        else ntuple(padding, self.nd, name, "padding", 0))
+        self.groups, self.padding_mode = groups, padding_mode
         generator = _rng.resolve(rng)
         self.weight = Parameter(np.empty((out_channels, in_channels // groups) + kernel, dtype))
         init.kaiming_uniform_(self.weight, a=math.sqrt(5), generator=generator)  # PyTorch default
@@ -106,6 +117,26 @@ class _ConvNd(Module):
             init.uniform_(self.bias, -bound, bound, generator)
         else:
             self.bias = None
+        if device is not None:
+            self.to(device)
+
+    def _conv(self, x, op):
+        """``op`` (conv2d, conv3d_relu, ...) on ``x``; a padding mode other than zeros pads
+        ``x`` first with :func:`cnnfast.functional.pad` (as PyTorch does)."""
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            if padding == "same":
+                totals = [d * (k - 1) for k, d in zip(self.kernel_size, self.dilation)]
+                sides = [(t // 2, t - t // 2) for t in totals]
+            else:
+                sides = [(0, 0)] * self.nd if padding == "valid" else [(p, p) for p in padding]
+            amounts = [a for side in reversed(sides) for a in side]
+            x = F.pad(x, amounts, mode=PADDING_MODES[self.padding_mode])
+            padding = 0
+        return op(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def forward(self, x):
+        return self._conv(x, F.conv2d if self.nd == 2 else F.conv3d)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -116,15 +147,13 @@ class _ConvNd(Module):
 
     def fuses_relu(self) -> bool:
         """Whether :meth:`forward_relu` runs one fused op (this class's own forward)."""
-        return _runs_own_forward(self, (Conv2d, Conv3d)[self.nd - 2])
+        return _runs_own_forward(self, _ConvNd)
 
     def forward_relu(self, x):
         """``relu(self(x))``, as one fused op when :meth:`fuses_relu`."""
         if not self.fuses_relu():
             return F.relu(self(x))
-        fused = F.conv2d_relu if self.nd == 2 else F.conv3d_relu
-        return fused(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                     self.groups)
+        return self._conv(x, F.conv2d_relu if self.nd == 2 else F.conv3d_relu)
 
 
 class Conv2d(_ConvNd):
@@ -132,19 +161,11 @@ class Conv2d(_ConvNd):
 
     nd = 2
 
-    def forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
-
 
 class Conv3d(_ConvNd):
     """3D convolution; weight (K, C/groups, KD, KH, KW)."""
 
     nd = 3
-
-    def forward(self, x):
-        return F.conv3d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
 
 
 class _MaxPool(Module):
@@ -236,8 +257,29 @@ class AdaptiveAvgPool3d(AdaptiveAvgPool2d):
 
 
 class ReLU(Module):
+    """max(x, 0). ``inplace`` is accepted for PyTorch code and changes nothing: the result is
+    always a new tensor (the same values)."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
     def forward(self, x):
         return F.relu(x)
+
+
+class Softmax(Module):
+    def __init__(self, dim: int | None = None):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return F.softmax(x, -1 if self.dim is None else self.dim)
+
+
+class LogSoftmax(Softmax):
+    def forward(self, x):
+        return F.log_softmax(x, -1 if self.dim is None else self.dim)
 
 
 class Sigmoid(Module):
@@ -259,7 +301,7 @@ class Flatten(Module):
 class Linear(Module):
     """y = x @ weight.T + bias; weight (OUT, IN) with PyTorch's default init."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype=np.float32, rng=None):
         super().__init__()
         for arg, value in (("in_features", in_features), ("out_features", out_features)):
@@ -275,6 +317,8 @@ class Linear(Module):
             init.uniform_(self.bias, -bound, bound, generator)
         else:
             self.bias = None
+        if device is not None:
+            self.to(device)
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
@@ -298,20 +342,26 @@ class _BatchNorm(Module):
     nd = 0
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, dtype=np.float32):
+                 affine: bool = True, track_running_stats: bool = True, device=None,
+                 dtype=np.float32, *, bias: bool = True):
         super().__init__()
         if not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: num_features must be a positive int, "
                              f"got {num_features!r}")
+        if momentum is None:
+            raise ValueError(f"{type(self).__name__}: momentum=None (PyTorch's cumulative "
+                             f"average) is not supported; give a number such as 0.1")
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.weight = Parameter(np.ones(num_features, dtype)) if affine else None
-        self.bias = Parameter(np.zeros(num_features, dtype)) if affine else None
+        self.bias = Parameter(np.zeros(num_features, dtype)) if affine and bias else None
         if track_running_stats:
             self.register_buffer("running_mean", Tensor(np.zeros(num_features, dtype)))
             self.register_buffer("running_var", Tensor(np.ones(num_features, dtype)))
         else:
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
+        if device is not None:
+            self.to(device)
 
     def forward(self, x):
         return self._forward(x, F.batch_norm)
@@ -327,9 +377,10 @@ class _BatchNorm(Module):
         return self._forward(x, F.batch_norm_relu)
 
     def _forward(self, x, op):
-        if isinstance(x, Tensor) and x.ndim != self.nd + 2:
-            raise ValueError(f"{type(self).__name__}: input must be {self.nd + 2}-D, "
-                             f"got shape {x.shape}")
+        ranks = (2, 3) if self.nd == 1 else (self.nd + 2,)
+        if isinstance(x, Tensor) and x.ndim not in ranks:
+            raise ValueError(f"{type(self).__name__}: input must be "
+                             f"{' or '.join(f'{r}-D' for r in ranks)}, got shape {x.shape}")
         training = self.training or self.running_mean is None
         return op(x, self.running_mean, self.running_var, self.weight, self.bias,
                   training=training, momentum=self.momentum, eps=self.eps)
@@ -348,3 +399,68 @@ class BatchNorm3d(_BatchNorm):
     """Batch norm over (N, D, H, W) per channel of (N, C, D, H, W)."""
 
     nd = 3
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm per channel of (N, C) or (N, C, L)."""
+
+    nd = 1
+
+
+class _Pad(Module):
+    """``F.pad`` as a module, PyTorch's ``*PadNd``: ``padding`` an int (every side of the last
+    ``nd`` axes) or ``2 * nd`` ints, last axis first ``(left, right, top, bottom, ...)``."""
+
+    nd, mode = 0, "constant"
+
+    def __init__(self, padding: IntOrTuple):
+        super().__init__()
+        if isinstance(padding, int) and not isinstance(padding, bool):
+            padding = (padding,) * (2 * self.nd)
+        padding = tuple(padding)
+        if len(padding) != 2 * self.nd:
+            raise ValueError(f"{type(self).__name__}: padding must be an int or "
+                             f"{2 * self.nd} ints, got {padding!r}")
+        self.padding = padding
+
+    def forward(self, x):
+        return F.pad(x, self.padding, self.mode)
+
+    def extra_repr(self) -> str:
+        return f"{self.padding}"
+
+
+def _pad_class(name: str, nd: int, mode: str, doc: str) -> type:
+    return type(name, (_Pad,), {"nd": nd, "mode": mode, "__doc__": doc,
+                                "__module__": __name__})
+
+
+class ConstantPad1d(_Pad):
+    """Pad the last axis with ``value``."""
+
+    nd = 1
+
+    def __init__(self, padding: IntOrTuple, value: float):
+        super().__init__(padding)
+        self.value = value
+
+    def forward(self, x):
+        return F.pad(x, self.padding, "constant", self.value)
+
+
+ConstantPad2d = type("ConstantPad2d", (ConstantPad1d,), {"nd": 2, "__module__": __name__,
+                                                         "__doc__": "Pad the last 2 axes."})
+ConstantPad3d = type("ConstantPad3d", (ConstantPad1d,), {"nd": 3, "__module__": __name__,
+                                                         "__doc__": "Pad the last 3 axes."})
+ZeroPad1d, ZeroPad2d, ZeroPad3d = (_pad_class(f"ZeroPad{n}d", n, "constant",
+                                              f"Pad the last {n} axes with zeros.")
+                                   for n in (1, 2, 3))
+ReflectionPad1d, ReflectionPad2d, ReflectionPad3d = (
+    _pad_class(f"ReflectionPad{n}d", n, "reflect", f"Mirror the last {n} axes at their edges.")
+    for n in (1, 2, 3))
+ReplicationPad1d, ReplicationPad2d, ReplicationPad3d = (
+    _pad_class(f"ReplicationPad{n}d", n, "replicate", f"Repeat the edges of the last {n} axes.")
+    for n in (1, 2, 3))
+CircularPad1d, CircularPad2d, CircularPad3d = (
+    _pad_class(f"CircularPad{n}d", n, "circular", f"Wrap the last {n} axes around.")
+    for n in (1, 2, 3))
