@@ -6,13 +6,28 @@
 Importing cnnfast is cheap: NumPy only. Kernel paths (Numba, CuPy) load on first use.
 """
 
+import numpy as np
+
 from cnnfast import functional, nn, optim
 from cnnfast._version import __version__
 from cnnfast.autograd import enable_grad, is_grad_enabled, no_grad
 from cnnfast.dispatch import cpu_path, cuda_available, get_cpu_path, set_cpu_path
 from cnnfast.dlpack import from_dlpack
 from cnnfast.rng import manual_seed
-from cnnfast.tensor import Tensor, tensor
+from cnnfast.tensor import Tensor, cat, tensor
+
+# PyTorch's dtype names, for code written against torch (``x.to(cnnfast.float32)``)
+float32, float64, int64 = np.float32, np.float64, np.int64
+
+
+def squeeze(x: Tensor, dim: int | None = None) -> Tensor:
+    """``x.squeeze(dim)`` (PyTorch's ``torch.squeeze``)."""
+    return x.squeeze(dim)
+
+
+def unsqueeze(x: Tensor, dim: int) -> Tensor:
+    """``x.unsqueeze(dim)``."""
+    return x.unsqueeze(dim)
 
 
 def export_onnx(model, path, input_shape, **kwargs):
@@ -25,6 +40,12 @@ def export_onnx(model, path, input_shape, **kwargs):
 
 __all__ = [
     "Tensor",
+    "cat",
+    "float32",
+    "float64",
+    "int64",
+    "squeeze",
+    "unsqueeze",
     "__version__",
     "cpu_path",
     "cuda_available",

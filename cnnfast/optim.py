@@ -12,6 +12,7 @@ so do their state arrays.
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Iterable
 
 from cnnfast.tensor import Tensor
@@ -343,3 +344,8 @@ class CosineAnnealingLR(_Schedule):
     def lr_at(self, base_lr, epoch):
         return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch /
                                                                        self.T_max)) / 2
+
+
+# PyTorch's spelling, ``optim.lr_scheduler.MultiStepLR(...)``, for code written against torch
+lr_scheduler = types.SimpleNamespace(StepLR=StepLR, MultiStepLR=MultiStepLR,
+                                     CosineAnnealingLR=CosineAnnealingLR)

@@ -20,7 +20,28 @@ from typing import Any
 import numpy as np
 
 from cnnfast import dispatch
-from cnnfast.autograd import is_grad_enabled, topological_order, unbroadcast
+from cnnfast.autograd import Function, topological_order
+from cnnfast.ops import (
+    Add,
+    Cat,
+    Convert,
+    Div,
+    Exp,
+    GetItem,
+    Log,
+    MatMul,
+    Mul,
+    Neg,
+    Pow,
+    PowTensor,
+    Reshape,
+    Sigmoid,
+    Sub,
+    Sum,
+    Transpose,
+)
+
+__all__ = ["FLOAT_DTYPES", "Function", "Tensor", "as_tensor", "tensor"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -63,8 +84,18 @@ class Tensor:
         return self.data.ndim
 
     @property
-    def size(self) -> int:
-        return int(self.data.size)
+    def size(self) -> Size:
+        """The number of elements, an int that can also be called as PyTorch's ``size()``:
+        ``t.size()`` is the shape, ``t.size(d)`` its length along axis ``d``."""
+        return Size(int(self.data.size), self.shape)
+
+    @classmethod
+    def from_op(cls, data, device: str, ctx: Function | None) -> Tensor:
+        """The result of an op: ``data`` on ``device``, made by ``ctx`` (None: no graph)."""
+        t = Tensor.__new__(Tensor)
+        t.data, t.device, t.grad, t._ctx = data, device, None, ctx
+        t.requires_grad = ctx is not None
+        return t
 
     @property
     def is_leaf(self) -> bool:
@@ -127,7 +158,10 @@ class Tensor:
         return self
 
     def to(self, device: str | None = None, dtype=None) -> Tensor:
-        """A copy on ``device`` and/or of ``dtype``; gradients flow back through it."""
+        """A copy on ``device`` and/or of ``dtype`` (``to(np.float64)`` alone is a dtype, as in
+        PyTorch); gradients flow back through it."""
+        if device is not None and not isinstance(device, str):
+            device, dtype = None, device
         device = self.device if device is None else device
         dtype = self.dtype if dtype is None else np.dtype(dtype)
         if device == self.device and dtype == self.dtype:
@@ -139,6 +173,24 @@ class Tensor:
 
     def cuda(self) -> Tensor:
         return self.to("cuda")
+
+    def long(self) -> Tensor:
+        """An int64 copy (no gradient: class indices)."""
+        return Tensor(self.data.astype(np.int64), device=self.device)
+
+    def squeeze(self, dim: int | None = None) -> Tensor:
+        """Without axis ``dim`` if its length is 1 (every length-1 axis when None)."""
+        if dim is None:
+            return self.reshape(tuple(s for s in self.shape if s != 1))
+        axis = _wrap_axis(dim, self.ndim, "squeeze")
+        if not self.ndim or self.shape[axis] != 1:
+            return self
+        return self.reshape(self.shape[:axis] + self.shape[axis + 1:])
+
+    def unsqueeze(self, dim: int) -> Tensor:
+        """With a new axis of length 1 at ``dim`` (in ``[-ndim - 1, ndim]``)."""
+        axis = _wrap_axis(dim, self.ndim + 1, "unsqueeze")
+        return self.reshape(self.shape[:axis] + (1,) + self.shape[axis:])
 
     def float(self) -> Tensor:
         return self.to(dtype=np.float32)
@@ -372,6 +424,20 @@ class Tensor:
         return GetItem(index).apply(self)
 
 
+class Size(int):
+    """A tensor's element count that PyTorch code can also call: ``t.size()`` -> shape,
+    ``t.size(d)`` -> ``shape[d]``."""
+
+    def __new__(cls, count: int, shape: tuple[int, ...]):
+        obj = super().__new__(cls, count)
+        obj.shape = shape
+        return obj
+
+    def __call__(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[_wrap_axis(dim, len(self.shape),
+                                                                    "size")]
+
+
 def _normalize_axis(axis, ndim: int) -> tuple[int, ...]:
     """Reduction axes as sorted non-negative ints: None and ``()`` mean every axis (PyTorch);
     a 0-d tensor takes axis 0 or -1 (and reduces over nothing)."""
@@ -423,274 +489,17 @@ def tensor(data, requires_grad: bool = False, device: str = "cpu", dtype=None) -
     return Tensor(array, requires_grad=requires_grad, device=device)
 
 
-# --- Function -------------------------------------------------------------------------------------
-
-class Function:
-    """One differentiable op. A subclass declares its parameters in ``__init__`` and defines
-    ``forward(*arrays)`` and ``backward(gy)``; ``Op(params...).apply(*inputs)`` runs it.
-
-    Inputs may be ``Tensor`` or ``None`` (an absent optional input such as a bias). ``forward``
-    returns one array, or a tuple whose first array is the differentiable output and whose
-    others come back as plain tensors without a graph (max pooling's indices); ``apply``
-    returns the same arity. A ``Function`` object is one node of one graph: apply it once.
-    """
-
-    inputs: tuple
-    needs_input_grad: tuple[bool, ...]
-    device: str
-
-    def apply(self, *inputs):
-        present = [t for t in inputs if t is not None]
-        self.device = present[0].device
-        for t in present[1:]:
-            if t.device != self.device:
-                raise ValueError(f"{type(self).__name__}: inputs are on different devices "
-                                 f"({self.device!r} and {t.device!r}); move them with .to()")
-        record = is_grad_enabled()
-        self.needs_input_grad = tuple(record and t is not None and t.requires_grad
-                                      for t in inputs)
-        out = self.forward(*[None if t is None else t.data for t in inputs])
-        extra = ()
-        if isinstance(out, tuple):
-            out, extra = out[0], out[1:]
-        result = Tensor.__new__(Tensor)
-        result.data, result.grad, result._ctx = out, None, None
-        result.device = getattr(self, "out_device", self.device)
-        result.requires_grad = any(self.needs_input_grad)
-        if result.requires_grad:
-            self.inputs = inputs
-            result._ctx = self
-        if extra:
-            return (result,) + tuple(Tensor(a, device=result.device) for a in extra)
-        return result
-
-    def forward(self, *arrays):
-        raise NotImplementedError
-
-    def backward(self, gy):
-        raise NotImplementedError
-
-
-class Convert(Function):
-    """Copy to another device and/or dtype; the gradient goes back the same way."""
-
-    def __init__(self, device: str, dtype):
-        self.out_device = device
-        self.dtype = np.dtype(dtype)
-
-    def forward(self, x):
-        self.source = (self.device, x.dtype)
-        return dispatch.to_device(x, self.out_device).astype(self.dtype, copy=False)
-
-    def backward(self, gy):
-        source_device, source_dtype = self.source
-        return dispatch.to_device(gy, source_device).astype(source_dtype, copy=False)
-
-
-class Add(Function):
-    def forward(self, a, b):
-        self.shapes = (a.shape, b.shape)
-        return a + b
-
-    def backward(self, gy):
-        sa, sb = self.shapes
-        return (unbroadcast(gy, sa) if self.needs_input_grad[0] else None,
-                unbroadcast(gy, sb) if self.needs_input_grad[1] else None)
-
-
-class Sub(Function):
-    def forward(self, a, b):
-        self.shapes = (a.shape, b.shape)
-        return a - b
-
-    def backward(self, gy):
-        sa, sb = self.shapes
-        return (unbroadcast(gy, sa) if self.needs_input_grad[0] else None,
-                unbroadcast(-gy, sb) if self.needs_input_grad[1] else None)
-
-
-class Mul(Function):
-    def forward(self, a, b):
-        self.a = a if self.needs_input_grad[1] else None
-        self.b = b if self.needs_input_grad[0] else None
-        self.shapes = (a.shape, b.shape)
-        return a * b
-
-    def backward(self, gy):
-        sa, sb = self.shapes
-        return (unbroadcast(gy * self.b, sa) if self.needs_input_grad[0] else None,
-                unbroadcast(gy * self.a, sb) if self.needs_input_grad[1] else None)
-
-
-class Div(Function):
-    def forward(self, a, b):
-        self.a, self.b = a, b
-        return a / b
-
-    def backward(self, gy):
-        ga = gb = None
-        if self.needs_input_grad[0]:
-            ga = unbroadcast(gy / self.b, self.a.shape)
-        if self.needs_input_grad[1]:
-            gb = unbroadcast(-gy * self.a / (self.b * self.b), self.b.shape)
-        return ga, gb
-
-
-class Neg(Function):
-    def forward(self, a):
-        return -a
-
-    def backward(self, gy):
-        return -gy
-
-
-class Pow(Function):
-    def __init__(self, exponent: float):
-        self.exponent = exponent
-
-    def forward(self, a):
-        self.a = a
-        return a ** self.exponent
-
-    def backward(self, gy):
-        return gy * self.exponent * self.a ** (self.exponent - 1)
-
-
-class PowTensor(Function):
-    """``a ** b`` for a tensor exponent (broadcast); d/db is ``a ** b * log(a)``, taken as 0
-    where ``a == 0`` and ``b >= 0`` (PyTorch's convention)."""
-
-    def forward(self, a, b):
-        self.a, self.b = a, b
-        self.y = a ** b
-        return self.y
-
-    def backward(self, gy):
-        xp = dispatch.array_xp(gy)
-        a, b = self.a, self.b
-        ga = gb = None
-        if self.needs_input_grad[0]:
-            ga = unbroadcast(gy * b * a ** (b - 1), a.shape)
-        if self.needs_input_grad[1]:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                d = self.y * xp.log(a)
-            d = xp.where((a == 0) & (b >= 0), 0, d)
-            gb = unbroadcast(gy * d, b.shape)
-        return ga, gb
-
-
-class Exp(Function):
-    def forward(self, a):
-        self.y = dispatch.array_xp(a).exp(a)
-        return self.y
-
-    def backward(self, gy):
-        return gy * self.y
-
-
-class Log(Function):
-    def forward(self, a):
-        self.a = a
-        return dispatch.array_xp(a).log(a)
-
-    def backward(self, gy):
-        return gy / self.a
-
-
-class Sigmoid(Function):
-    def forward(self, a):
-        xp = dispatch.array_xp(a)
-        self.y = (0.5 * (1 + xp.tanh(0.5 * a))).astype(a.dtype, copy=False)  # stable for any |a|
-        return self.y
-
-    def backward(self, gy):
-        return gy * self.y * (1 - self.y)
-
-
-class MatMul(Function):
-    """NumPy's and PyTorch's matmul: 1-D operands are vectors, leading axes broadcast."""
-
-    def forward(self, a, b):
-        if a.ndim == 0 or b.ndim == 0:
-            raise ValueError(f"matmul: operands must be at least 1-D, got shapes {a.shape} and "
-                             f"{b.shape}")
-        if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
-            raise ValueError(f"matmul: inner sizes differ, shapes {a.shape} and {b.shape}")
-        self.a, self.b = a, b
-        return a @ b
-
-    def backward(self, gy):
-        xp = dispatch.array_xp(gy)
-        a, b = self.a, self.b
-        a2 = a[None, :] if a.ndim == 1 else a  # (.., M, K)
-        b2 = b[:, None] if b.ndim == 1 else b  # (.., K, P)
-        g = xp.expand_dims(gy, -1) if b.ndim == 1 else gy
-        g = xp.expand_dims(g, -2) if a.ndim == 1 else g  # (.., M, P)
-        ga = gb = None
-        if self.needs_input_grad[0]:
-            ga = unbroadcast(g @ xp.swapaxes(b2, -1, -2), a2.shape).reshape(a.shape)
-        if self.needs_input_grad[1]:
-            gb = unbroadcast(xp.swapaxes(a2, -1, -2) @ g, b2.shape).reshape(b.shape)
-        return ga, gb
-
-
-class Sum(Function):
-    def __init__(self, axis: tuple[int, ...], keepdims: bool):
-        self.axis, self.keepdims = axis, keepdims
-
-    def forward(self, a):
-        self.shape = a.shape
-        return a.sum(axis=self.axis, keepdims=self.keepdims)
-
-    def backward(self, gy):
-        xp = dispatch.array_xp(gy)
-        if not self.keepdims:
-            gy = xp.expand_dims(gy, self.axis) if self.axis else gy
-        return xp.broadcast_to(gy, self.shape).copy()
-
-
-class Reshape(Function):
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape = shape
-
-    def forward(self, a):
-        self.in_shape = a.shape
-        try:
-            return a.reshape(self.shape)
-        except ValueError:
-            raise ValueError(f"reshape: cannot reshape a tensor of shape {tuple(a.shape)} "
-                             f"into {self.shape}") from None
-
-    def backward(self, gy):
-        return gy.reshape(self.in_shape)
-
-
-class Transpose(Function):
-    def __init__(self, axes: tuple[int, ...]):
-        self.axes = axes
-
-    def forward(self, a):
-        return a.transpose(self.axes)
-
-    def backward(self, gy):
-        return gy.transpose(tuple(np.argsort(self.axes)))
-
-
-class GetItem(Function):
-    def __init__(self, index):
-        self.index = index
-
-    def forward(self, a):
-        self.in_shape, self.in_dtype = a.shape, a.dtype
-        return a[self.index]
-
-    def backward(self, gy):
-        xp = dispatch.array_xp(gy)
-        g = xp.zeros(self.in_shape, dtype=self.in_dtype)
-        if xp is np:
-            np.add.at(g, self.index, gy)  # duplicates in an index array accumulate
-        else:
-            import cupyx
-
-            cupyx.scatter_add(g, self.index, gy)
-        return g
+def cat(tensors, dim: int = 0) -> Tensor:
+    """The tensors joined along axis ``dim`` (PyTorch's ``torch.cat``); one shape but ``dim``,
+    one device and dtype."""
+    tensors = [as_tensor(t, name="cat: tensors") for t in tensors]
+    if not tensors:
+        raise ValueError("cat: tensors must hold at least one tensor")
+    first = tensors[0]
+    axis = _wrap_axis(dim, first.ndim, "cat")
+    for t in tensors[1:]:
+        if (t.ndim != first.ndim or t.shape[:axis] + t.shape[axis + 1:]
+                != first.shape[:axis] + first.shape[axis + 1:] or t.dtype != first.dtype):
+            raise ValueError(f"cat: tensors must share dtype and every axis but {axis}, got "
+                             f"{first.shape} {first.dtype} and {t.shape} {t.dtype}")
+    return Cat(axis).apply(*tensors)
