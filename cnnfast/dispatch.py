@@ -3,12 +3,12 @@
 Kernel contract
 ===============
 Every path package (``cnnfast.reference``, ``cnnfast.cpu``, ``cnnfast.cuda``) has the modules
-``conv``, ``pool``, ``activation`` and ``norm`` and they export the functions below with exactly
-these signatures. Kernels are plain array-in, array-out functions: they never see a ``Tensor``,
-never validate (``cnnfast.functional`` validates before any kernel runs), never modify their
-inputs, and return arrays of the input dtype (float32 or float64). ``nd`` is the spatial rank
-(2 or 3), ``x.ndim == nd + 2``; ``stride``, ``padding``, ``dilation``, ``kernel`` are tuples of
-``nd`` Python ints.
+``conv``, ``pool``, ``activation``, ``norm`` and ``optim`` and they export the functions below
+with exactly these signatures. Kernels are plain array-in, array-out functions: they never see a
+``Tensor``, never validate (``cnnfast.functional`` validates before any kernel runs), never
+modify their inputs (``optimizer_update`` apart), and return arrays of the input dtype (float32
+or float64). ``nd`` is the spatial rank (2 or 3), ``x.ndim == nd + 2``; ``stride``,
+``padding``, ``dilation``, ``kernel`` are tuples of ``nd`` Python ints.
 
 conv
     conv_forward(x, w, stride, padding, dilation, groups) -> y
@@ -45,6 +45,14 @@ norm  (per channel over N and the spatial axes; mean/invstd/gamma/beta have shap
     batch_norm_forward_eval(x, gamma, beta, running_mean, running_var, eps) -> y
     batch_norm_backward(gy, x, gamma, mean, invstd) -> (gx, ggamma, gbeta)   (training mode)
 
+optim  (the one kernel that writes its inputs: ``p``, ``m``, ``v`` are updated in place)
+    optimizer_update(rule, p, g, m, v, lr, a, b, weight_decay, eps, c2, first) -> None
+        One step of PyTorch's SGD (``"sgd"``, ``"sgd_momentum"``, ``"sgd_nesterov"``), Adam
+        (``"adam"``) or AdamW (``"adamw"``) over flat parameters ``p`` with gradients ``g`` and
+        state buffers ``m``, ``v`` (None where the rule keeps none), in p's dtype; the scalars'
+        meaning per rule is in :mod:`cnnfast.reference.optim`. :class:`cnnfast.optim.Optimizer`
+        runs it once per parameter group on the cuda device.
+
 Fused ops (optional: a path that lacks one gets it composed from the ops above, with the same
 results; ``cnnfast.cuda`` runs each in fewer launches)
     conv_bias_relu_forward(x, w, b, relu, stride, padding, dilation, groups) -> y
@@ -60,8 +68,13 @@ so they run on NumPy and CuPy arrays alike; :func:`kernels` hands them to every 
 
 Paths
 =====
-device ``"cpu"``: the ``fast`` path (``cnnfast.cpu``, the default) or the ``reference`` path,
-chosen with :func:`set_cpu_path` or the :func:`cpu_path` context manager.
+A kernel path is named by its package, the one list :data:`KERNEL_PATHS` (tests, the bench and
+the docs use these names): ``"reference"``, ``"cpu"``, ``"cuda"``. :func:`kernels_of` looks a
+path's kernels up; :func:`kernels` is the same lookup for the path that runs a device now
+(:func:`path_name`); :func:`using_path` runs a block on a named path.
+device ``"cpu"``: the ``cpu`` path (``cnnfast.cpu``, the default, which :func:`set_cpu_path`
+and ``CNNFAST_CPU_PATH`` call ``"fast"``) or the ``reference`` path, chosen with
+:func:`set_cpu_path` or the :func:`cpu_path` context manager.
 device ``"cuda"``: ``cnnfast.cuda`` (Numba CUDA kernels on CuPy arrays, or in Numba's CUDA
 simulator on NumPy arrays when ``NUMBA_ENABLE_CUDASIM=1``).
 
@@ -93,6 +106,7 @@ KERNEL_OPS = {
     "pool": ("max_pool_forward", "max_pool_backward", "avg_pool_forward", "avg_pool_backward"),
     "activation": ("relu_forward", "relu_backward"),
     "norm": ("batch_norm_forward_train", "batch_norm_forward_eval", "batch_norm_backward"),
+    "optim": ("optimizer_update",),
 }
 SHARED_OPS = {
     "linear": ("linear_forward", "linear_backward"),
@@ -104,7 +118,9 @@ FUSED_OPS = {
     "norm": ("batch_norm_relu_forward_train", "batch_norm_relu_forward_eval",
              "batch_norm_relu_backward"),
 }
-CPU_PATHS = config.CPU_PATHS
+KERNEL_PATHS = ("reference", "cpu", "cuda")   # the kernel packages
+CPU_PATHS = config.CPU_PATHS                  # set_cpu_path's names: "fast" (cpu), "reference"
+_CPU_CHOICE = {"cpu": "fast", "reference": "reference"}
 DEVICES = ("cpu", "cuda")
 
 _cache: dict[str, SimpleNamespace] = {}
@@ -188,7 +204,8 @@ def path_name(device: str) -> str:
 
 
 def kernels(device: str) -> SimpleNamespace:
-    """The kernel functions for ``device`` under the current path choice."""
+    """The kernel functions for ``device`` under the current path choice:
+    ``kernels_of(path_name(device))``."""
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     if device == "cuda":
@@ -197,7 +214,26 @@ def kernels(device: str) -> SimpleNamespace:
 
 
 def kernels_of(path: str) -> SimpleNamespace:
-    """The kernel functions of one named path ('reference', 'cpu', 'cuda') — for tests and bench."""
-    if path not in ("reference", "cpu", "cuda"):
-        raise ValueError(f"path must be 'reference', 'cpu' or 'cuda', got {path!r}")
+    """The kernel functions of one of :data:`KERNEL_PATHS`."""
+    if path not in KERNEL_PATHS:
+        raise ValueError(f"path must be one of {KERNEL_PATHS}, got {path!r}")
     return _load(path)
+
+
+def device_of(path: str) -> str:
+    """The device a kernel path runs on: ``"cuda"`` for the cuda path, else ``"cpu"``."""
+    if path not in KERNEL_PATHS:
+        raise ValueError(f"path must be one of {KERNEL_PATHS}, got {path!r}")
+    return "cuda" if path == "cuda" else "cpu"
+
+
+@contextlib.contextmanager
+def using_path(path: str):
+    """Run the block with ``path`` (one of :data:`KERNEL_PATHS`) running its device; yields
+    that device. On the cpu device this is :func:`cpu_path` under its user-facing name."""
+    device = device_of(path)
+    if device == "cuda":
+        yield device
+    else:
+        with cpu_path(_CPU_CHOICE[path]):
+            yield device

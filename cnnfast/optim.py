@@ -4,7 +4,8 @@ Updates run in place on the parameters' arrays (NumPy or CuPy), outside the auto
 keep their state (momentum buffers, moments) in arrays allocated once on the parameter's device.
 
 On the ``cuda`` device a group whose parameters share a dtype and all have gradients is updated
-by one kernel launch (:mod:`cnnfast.cuda.optim`): the group's parameters then live in one flat
+by one kernel launch (the contract's ``optimizer_update``, through :mod:`cnnfast.dispatch`, with
+twins on the reference and cpu paths): the group's parameters then live in one flat
 buffer (each ``p.data`` a view of it; a ``p.data`` replaced from outside is copied back in), and
 so do their state arrays.
 """
@@ -15,6 +16,7 @@ import math
 import types
 from collections.abc import Iterable
 
+from cnnfast import dispatch
 from cnnfast.tensor import Tensor
 
 __all__ = ["SGD", "Adam", "AdamW", "CosineAnnealingLR", "MultiStepLR", "Optimizer", "StepLR"]
@@ -61,8 +63,8 @@ class Optimizer:
 
     # --- one launch per group on the cuda device -----------------------------------------------
     def _fused_arguments(self, group: dict, states: list[dict]):
-        """(rule, state names, kernel scalars) for cnnfast.cuda.optim.update, or None when this
-        group must take the per-parameter path."""
+        """(rule, state names, kernel scalars) for the kernels' ``optimizer_update``, or None
+        when this group must take the per-parameter path."""
         return None
 
     def _fused_step(self, index: int, group: dict) -> bool:
@@ -75,8 +77,6 @@ class Optimizer:
         if fused is None:
             return False
         rule, names, scalars = fused
-        from cnnfast.cuda import optim as cuda_optim
-
         flats = self.__dict__.setdefault("_flat", {})
         flat = flats.get(index)
         if flat is None or flat.params is not params or flat.names != names:
@@ -86,7 +86,7 @@ class Optimizer:
         grads = xp.concatenate([p.grad.data.reshape(-1) for p in params])
         m = flat.state[names[0]] if names else None
         v = flat.state[names[1]] if len(names) > 1 else None
-        cuda_optim.update(rule, flat.data, grads, m, v, *scalars)
+        dispatch.kernels("cuda").optimizer_update(rule, flat.data, grads, m, v, *scalars)
         return True
 
     def state_dict(self) -> dict:
@@ -206,16 +206,13 @@ class SGD(Optimizer):
         p.data -= group["lr"] * g
 
     def _fused_arguments(self, group, states):
-        from cnnfast.cuda import optim as cuda_optim
-
         m = group["momentum"]
         if not m:
-            return cuda_optim.SGD, (), (group["lr"], 0.0, 0.0, group["weight_decay"], 0.0, 1.0,
-                                        False)
+            return "sgd", (), (group["lr"], 0.0, 0.0, group["weight_decay"], 0.0, 1.0, False)
         started = {"momentum_buffer" in st for st in states}
         if len(started) > 1:  # some buffers exist, some not: the per-parameter path sorts it
             return None
-        rule = cuda_optim.SGD_NESTEROV if group["nesterov"] else cuda_optim.SGD_MOMENTUM
+        rule = "sgd_nesterov" if group["nesterov"] else "sgd_momentum"
         return rule, ("momentum_buffer",), (group["lr"], m, group["dampening"],
                                             group["weight_decay"], 0.0, 1.0, not started.pop())
 
@@ -257,8 +254,6 @@ class Adam(Optimizer):
         p.data -= step_size * (m / denom)
 
     def _fused_arguments(self, group, states):
-        from cnnfast.cuda import optim as cuda_optim
-
         steps = {st.get("step", 0) for st in states}
         if len(steps) > 1:  # parameters at different steps: the per-parameter path
             return None
@@ -267,7 +262,7 @@ class Adam(Optimizer):
             st["step"] = t
         lr, wd = group["lr"], group["weight_decay"]
         b1, b2 = group["betas"]
-        rule = cuda_optim.ADAMW if self.decoupled else cuda_optim.ADAM
+        rule = "adamw" if self.decoupled else "adam"
         return rule, ("exp_avg", "exp_avg_sq"), (
             lr / (1 - b1 ** t), b1, b2, lr * wd if self.decoupled else wd, group["eps"],
             math.sqrt(1 - b2 ** t), False)

@@ -63,16 +63,15 @@ def _lock_simulator_shared_arrays() -> None:
 if not GPU:
     _lock_simulator_shared_arrays()
 
-# (device, cpu path) pairs every path-parametrised test runs on.
-PATHS = [("cpu", "reference"), ("cpu", "fast"), ("cuda", "fast")]
-PATH_IDS = ["reference", "cpu", "cuda-gpu" if GPU else "cuda-sim"]
+# Every path-parametrised test runs on each of dispatch.KERNEL_PATHS (cuda: simulated or real).
+PATH_IDS = [("cuda-gpu" if GPU else "cuda-sim") if p == "cuda" else p
+            for p in dispatch.KERNEL_PATHS]
 
 
-@pytest.fixture(params=PATHS, ids=PATH_IDS)
+@pytest.fixture(params=dispatch.KERNEL_PATHS, ids=PATH_IDS)
 def path(request):
-    """(device, cpu-path) for one kernel path; the cpu path choice is set for the test."""
-    device, cpu = request.param
-    with dispatch.cpu_path(cpu):
+    """The device of one kernel path, which runs it for the test (:func:`dispatch.using_path`)."""
+    with dispatch.using_path(request.param) as device:
         yield device
 
 

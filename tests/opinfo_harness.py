@@ -93,8 +93,6 @@ COUNTERPARTS = {
 
 TOLERANCES = {np.float64: {"rtol": 1e-7, "atol": 1e-9}, np.float32: {"rtol": 2e-4, "atol": 2e-5}}
 
-# (device, cpu path) of each path name
-PATHS = {"reference": ("cpu", "reference"), "cpu": ("cpu", "fast"), "cuda": ("cuda", "fast")}
 
 
 def op_key(op) -> tuple[str, str]:
@@ -214,12 +212,12 @@ def run_sample(key, sample, dtype, path: str) -> Outcome:
     import torch
 
     op = opinfos()[key]
-    device, cpu = PATHS[path]
+    device = dispatch.device_of(path)
     tol = TOLERANCES[dtype]
     convert = _Converter(device)
     x, args, kwargs = convert(sample.input), convert(sample.args), convert(sample.kwargs)
     ours_fn = COUNTERPARTS[key]
-    with dispatch.cpu_path(cpu):
+    with dispatch.using_path(path):
         try:
             ours = ours_fn(x, *args, **kwargs)
         except (ValueError, TypeError, NotImplementedError, AttributeError) as e:

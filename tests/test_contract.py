@@ -26,7 +26,7 @@ from cases import ConvCase, PoolCase, make_array
 from cnnfast import backend, dispatch
 from cnnfast.testing import assert_close, to_numpy
 
-PATHS = ["reference", "cpu", "cuda"]
+PATHS = dispatch.KERNEL_PATHS
 ON_GPU = backend.gpu_present() and not backend.cuda_simulated()
 DTYPES = {"f32": np.float32, "f64": np.float64}
 LAYOUTS = ["contiguous", "transposed", "sliced"]

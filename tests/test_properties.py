@@ -30,7 +30,7 @@ from cnnfast.testing import assert_close  # noqa: E402
 CPU_EXAMPLES = config.get("property_examples")
 SIM = dispatch.cuda_simulated()
 CUDA_EXAMPLES = max(3, CPU_EXAMPLES // 8) if SIM else CPU_EXAMPLES
-PATHS = ["cpu", "cuda"]
+PATHS = [p for p in dispatch.KERNEL_PATHS if p != "reference"]   # each against the reference
 EXAMPLES_RUN: dict[str, int] = {}
 
 
@@ -52,8 +52,7 @@ def _tolerance(dtype, reduction_size: int = 1) -> tuple[float, float]:
 def _run(path: str, fn, arrays, grads_for, seed: int):
     """``fn`` on tensors of ``arrays`` on ``path`` ("reference", "cpu" or "cuda"), then backward
     with a seeded random output gradient. Returns (output, [grads of arrays[i] for grads_for])."""
-    device = "cuda" if path == "cuda" else "cpu"
-    with dispatch.cpu_path("reference" if path == "reference" else "fast"):
+    with dispatch.using_path(path) as device:
         tensors = [cnnfast.tensor(a, requires_grad=i in grads_for, device=device)
                    if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a
                    for i, a in enumerate(arrays)]

@@ -6,7 +6,6 @@ PyTorch the same model, layer for layer.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -15,7 +14,7 @@ import cnnfast
 from cnnfast import dispatch
 from cnnfast.bench.workloads import ConvShape, ModelSpec, OpItem, build_model, record_layers
 
-PATHS = ("reference", "cpu", "cuda", "torch", "cudnn")
+PATHS = dispatch.KERNEL_PATHS + ("torch", "cudnn")   # cnnfast's kernel paths, then PyTorch
 
 
 # --- candidates -----------------------------------------------------------------------------------
@@ -137,13 +136,9 @@ class KernelCandidate(Candidate):
 
             cupy.cuda.runtime.deviceSynchronize()
 
-    @contextlib.contextmanager
     def selected(self):
-        if self.device == "cpu":
-            with dispatch.cpu_path("fast" if self.path == "cpu" else "reference"):
-                yield
-        else:
-            yield
+        """The context that runs this path (:func:`cnnfast.dispatch.using_path`)."""
+        return dispatch.using_path(self.path)
 
     def op_fn(self, item, inputs):
         return kernel_call(dispatch.kernels_of(self.path), item, inputs)

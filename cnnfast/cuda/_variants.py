@@ -84,10 +84,10 @@ def _optimizer(dtype) -> None:
     from cnnfast.cuda import optim
 
     p = np.zeros(10, dtype)
-    for rule in (optim.SGD, optim.SGD_MOMENTUM, optim.SGD_NESTEROV, optim.ADAM, optim.ADAMW):
-        m = p.copy() if rule != optim.SGD else None
-        v = p.copy() if rule in (optim.ADAM, optim.ADAMW) else None
-        optim.update(rule, p, p.copy(), m, v, 0.1, 0.9, 0.0, 0.0, 1e-8, 1.0, False)
+    for rule in optim.RULES:
+        m = p.copy() if rule != "sgd" else None
+        v = p.copy() if rule.startswith("adam") else None
+        optim.optimizer_update(rule, p, p.copy(), m, v, 0.1, 0.9, 0.0, 0.0, 1e-8, 1.0, False)
 
 
 def kernel_variants() -> list[tuple[str, rt.LaunchRecord]]:

@@ -18,7 +18,8 @@ from numba import cuda
 
 from cnnfast.cuda import _runtime as rt
 
-SGD, SGD_MOMENTUM, SGD_NESTEROV, ADAM, ADAMW = 0, 1, 2, 3, 4
+RULES = ("sgd", "sgd_momentum", "sgd_nesterov", "adam", "adamw")
+SGD, SGD_MOMENTUM, SGD_NESTEROV, ADAM, ADAMW = range(len(RULES))  # the kernel's rule numbers
 _MAX_BLOCKS = 4096
 
 
@@ -74,10 +75,13 @@ def _update_kernel(rule: int, dtype: np.dtype):
     return optimizer_update_kernel
 
 
-def update(rule: int, p, g, m, v, lr: float, a: float, b: float, weight_decay: float,
-           eps: float, c2: float, first: bool) -> None:
+def optimizer_update(rule: str, p, g, m, v, lr: float, a: float, b: float, weight_decay: float,
+                     eps: float, c2: float, first: bool) -> None:
     """Update the flat parameters ``p`` in place from gradients ``g`` (same shape and dtype);
-    ``m`` and ``v`` are flat state buffers, or None where the rule keeps none."""
+    ``m`` and ``v`` are flat state buffers, or None where the rule keeps none (the arguments:
+    :mod:`cnnfast.reference.optim`)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     size = p.size
     if size == 0:
         return
@@ -89,6 +93,6 @@ def update(rule: int, p, g, m, v, lr: float, a: float, b: float, weight_decay: f
     v = placeholder if v is None else v
     threads = rt.current_config().threads
     blocks = max(1, min(rt.cdiv(size, threads), _MAX_BLOCKS))
-    rt.launch(_update_kernel(rule, np.dtype(p.dtype)), blocks, threads, p, g, m, v, size,
-              float(lr), float(a), float(b), float(weight_decay), float(eps), float(c2),
-              bool(first))
+    kernel = _update_kernel(RULES.index(rule), np.dtype(p.dtype))
+    rt.launch(kernel, blocks, threads, p, g, m, v, size, float(lr), float(a), float(b),
+              float(weight_decay), float(eps), float(c2), bool(first))
