@@ -125,13 +125,18 @@ DIRECT_CASES = {
     "3d": ConvCase((2, 3, 5, 4, 6), (9, 3, 3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), 1),
     "3d-dilation-pad": ConvCase((1, 4, 6, 5, 5), (3, 4, 2, 3, 3), (1, 1, 1), (0, 2, 1),
                                 (2, 2, 1), 1),
+    "2d-stride2-17ch": ConvCase((2, 17, 9, 8), (19, 17, 3, 3), (2, 2), (1, 1), (1, 1), 1),
+    "2d-stride2-1x1": ConvCase((1, 6, 7, 8), (5, 6, 1, 1), (2, 2), (0, 0), (1, 1), 1),
+    "2d-stride-mixed-dilation": ConvCase((1, 3, 11, 9), (4, 3, 3, 2), (3, 1), (2, 1), (2, 3), 1),
+    "2d-stride2-one-pixel": ConvCase((2, 3, 1, 1), (4, 3, 3, 3), (2, 2), (1, 1), (1, 1), 1),
+    "3d-stride2": ConvCase((1, 4, 5, 6, 7), (9, 4, 3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1), 1),
 }
 
 
 @pytest.mark.parametrize("tiny_tiles", [False, True], ids=["tasks", "many-tasks"])
 @pytest.mark.parametrize("case_id", list(DIRECT_CASES))
 def test_direct_convolution_matches_reference(case_id, tiny_tiles, monkeypatch):
-    """The stride-1 direct path (input read in place), forced on every shape; with a tiny
+    """The direct path (input read in place), forced on every shape; with a tiny
     tile budget a slice is cut into many tasks (column runs, filter panels)."""
     from cnnfast.cpu import _direct
 
@@ -139,13 +144,24 @@ def test_direct_convolution_matches_reference(case_id, tiny_tiles, monkeypatch):
     if tiny_tiles:
         monkeypatch.setattr(_direct, "TILE_BUDGET", 1)
     case = DIRECT_CASES[case_id]
-    geo = conv._geometry(case.x_shape, case.w_shape, *case.args)
-    assert geo.direct_gemm(np.float32)
     rng = np.random.default_rng(9)
     x = make_array(rng, case.x_shape, np.float32, "sliced")
     w = make_array(rng, case.w_shape, np.float32)
     y = ref_conv.conv_forward(x, w, *case.args)
     gy = make_array(rng, y.shape, np.float32)
+    geo = conv._geometry(case.x_shape, case.w_shape, *case.args)
+    # the kernels themselves, then the convolution's choice of them
+    x5 = np.ascontiguousarray(np.asarray(x).reshape((geo.N, geo.C) + geo.size))
+    w5 = w.reshape((geo.K, geo.C) + geo.ks)
+    y5 = np.empty((geo.N, geo.K) + geo.out, dtype=np.float32)
+    _direct.forward(x5, w5, geo.st, geo.pd, geo.dl, 2, True, y5)
+    assert_close(y5.reshape(y.shape), y, rtol=1e-4, atol=1e-4, name="direct y")
+    gw = _direct.backward_weight(gy.reshape(y5.shape), x5, geo.ks, geo.st, geo.pd, geo.dl, 2,
+                                 True)
+    assert_close(gw.reshape(w.shape), ref_conv.conv_backward_weight(gy, x, case.w_shape,
+                                                                    *case.args),
+                 rtol=1e-4, atol=1e-4, name="direct gw")
+    assert geo.direct_gemm(np.float32) == (geo.st == (1, 1, 1))
     got = (conv.conv_forward(x, w, *case.args),
            conv.conv_backward_data(gy, w, case.x_shape, *case.args),
            conv.conv_backward_weight(gy, x, case.w_shape, *case.args))

@@ -1,24 +1,28 @@
-"""Direct float32 convolution with stride 1 (2D and 3D, any padding and dilation, groups 1):
+"""Direct float32 convolution (2D and 3D, any stride, padding and dilation, groups 1):
 cnnfast's microkernel reading the input in place, with no column matrix.
 
-The input is copied once into a zero-padded array xp (N, C, Dp, Hp, Wp). In one depth slice od
-of the output, number the output positions by their place in the padded plane,
-``j = oh * Wp + ow`` (ow < OW; the positions with ow >= OW are computed and thrown away). A
-kernel tap p = (c, kd, kh, kw) then reads ``xp[n, c, od + kd*DD, oh + kh*DH, ow + kw*DW]``,
-which is ``xpf[base + offs[p] + j]`` with ``offs[p] = c*Dp*Hp*Wp + kd*DD*Hp*Wp + kh*DH*Wp +
-kw*DW`` and ``base`` the slice's start: for every tap, the row of the implicit column matrix is
-a contiguous run of xp. So
+The input is copied once into a zero-padded array cut into stride phases,
+``xq[n, c, ad, ah, aw, i, j, l] = xp[n, c, i*SD + ad, j*SH + ah, l*SW + aw]`` (N, C, phases,
+Qd, Qh, Qw), xp the padded input (for stride 1 there is one phase: xq is xp). An input position
+``o * S + k * DL`` of tap k is phase ``k * DL % S``, place ``o + k * DL // S`` in it. In one depth
+slice od of the output, number the output positions ``j = oh * Qw + ow`` (ow < OW; the
+positions with ow >= OW are computed and thrown away). A kernel tap p = (c, kd, kh, kw) then
+reads, for every j, ``xqf[base + offs[p] + j]`` (:func:`tap_offsets`), ``base`` the slice's
+start: for every tap, the row of the implicit column matrix is a contiguous run of xq. So
 
-- forward: ``y_ext[k, j] = sum_p w[k, p] * xpf[base + offs[p] + j]`` is a GEMM whose B rows are
+- forward: ``y_ext[k, j] = sum_p w[k, p] * xqf[base + offs[p] + j]`` is a GEMM whose B rows are
   read in place (:func:`_microkernel.microkernel_b_rows`), A = the filters packed in MR-row
-  panels once per call; the valid columns of y_ext are copied into y;
-- backward-weight: ``gw^T[p, k] = sum_(n, od, j) xpf[base + offs[p] + j] * gy_ext[k, j]`` is a
+  panels once per call; the kept columns of y_ext are copied into y;
+- backward-weight: ``gw^T[p, k] = sum_(n, od, j) xqf[base + offs[p] + j] * gy_ext[k, j]`` is a
   GEMM whose A rows are read in place (:func:`_microkernel.microkernel_a_rows`) and B = gy with
   zeros at the thrown-away columns, packed per slice; one partial sum per thread, added in
-  thread order;
-- backward-data with stride 1 is a forward convolution (conv.py flips the filters).
+  thread order. (A non-finite input that only a thrown-away column meets for some tap makes
+  that tap's gradient NaN, where the reference has a finite value; every other tap of that
+  input already has a non-finite gradient.)
+- backward-data with stride 1 is a forward convolution (conv.py flips the filters); with a
+  larger stride it stays on the column-matrix path.
 
-The wasted share is the thrown-away columns: ``(OH - 1) * Wp + OW`` positions computed per
+The wasted share is the thrown-away columns: ``(OH - 1) * Qw + OW`` positions computed per
 slice for ``OH * OW`` kept (:func:`efficiency`); conv.py takes this path only where it is small.
 Work is split into tasks of (sample, depth slice, run of column tiles, run of filter panels),
 several per thread even for batch 1. Every output element is summed by one task in a fixed
@@ -51,41 +55,56 @@ DIRECT_KC = 512
 
 
 
-def padded(size: Ints, pd: Ints) -> Ints:
-    return tuple(s + 2 * p for s, p in zip(size, pd))
+def phase_size(size: Ints, pd: Ints, st: Ints) -> Ints:
+    """(Qd, Qh, Qw): each padded extent cut into ``stride`` phases, ceil((S + 2P) / stride)."""
+    return tuple(-(-(s + 2 * p) // t) for s, p, t in zip(size, pd, st))
 
 
-def columns(out: Ints, size_p: Ints) -> int:
-    """Positions computed per depth slice: (OH - 1) * Wp + OW."""
-    return (out[1] - 1) * size_p[2] + out[2]
+def columns(out: Ints, size_q: Ints) -> int:
+    """Positions computed per depth slice: (OH - 1) * Qw + OW."""
+    return (out[1] - 1) * size_q[2] + out[2]
 
 
-def efficiency(out: Ints, size: Ints, pd: Ints) -> float:
+def efficiency(out: Ints, size: Ints, pd: Ints, st: Ints) -> float:
     """Kept over computed output positions (column tiles of NR included)."""
-    size_p = padded(size, pd)
-    computed = -(-columns(out, size_p) // NR) * NR
+    computed = -(-columns(out, phase_size(size, pd, st)) // NR) * NR
     return out[1] * out[2] / computed
 
 
-def pad_input(x5: np.ndarray, pd: Ints) -> np.ndarray:
-    """x (N, C, D, H, W) zero-padded by pd, flattened, with NR + LANES zeros of slack at the end
-    (the last column tile reads up to a tile past the last position)."""
+def phase_input(x5: np.ndarray, pd: Ints, st: Ints) -> np.ndarray:
+    """x (N, C, D, H, W) zero-padded by pd and cut into stride phases, flattened:
+    xq[n, c, ad, ah, aw, i, j, l] = xp[n, c, i*SD + ad, j*SH + ah, l*SW + aw] (a stride-1 layer
+    has one phase: xq is xp), with 2 * NR zeros of slack at the end (the last column tile reads
+    up to a tile past the last position)."""
     N, C = x5.shape[:2]
-    size_p = padded(x5.shape[2:], pd)
-    total = N * C * size_p[0] * size_p[1] * size_p[2]
+    size_q = phase_size(x5.shape[2:], pd, st)
+    full = tuple(q * t for q, t in zip(size_q, st))
+    phases = st[0] * st[1] * st[2]
+    total = N * C * phases * size_q[0] * size_q[1] * size_q[2]
     flat = np.zeros(total + 2 * NR, dtype=np.float32)
-    view = flat[:total].reshape((N, C) + size_p)
-    view[:, :, pd[0]:pd[0] + x5.shape[2], pd[1]:pd[1] + x5.shape[3],
-         pd[2]:pd[2] + x5.shape[4]] = x5
+    D, H, W = x5.shape[2:]
+    if phases == 1:
+        xp = flat[:total].reshape((N, C) + full)
+    else:
+        xp = np.zeros((N, C) + full, dtype=np.float32)
+    xp[:, :, pd[0]:pd[0] + D, pd[1]:pd[1] + H, pd[2]:pd[2] + W] = x5
+    if phases > 1:
+        split = xp.reshape(N, C, size_q[0], st[0], size_q[1], st[1], size_q[2], st[2])
+        flat[:total].reshape(N, C, st[0], st[1], st[2], *size_q)[...] = split.transpose(
+            0, 1, 3, 5, 7, 2, 4, 6)
     return flat
 
 
-def tap_offsets(C: int, ks: Ints, dl: Ints, size_p: Ints, rows: int) -> np.ndarray:
-    """offs[p] for p = (c, kd, kh, kw) in weight order, zero-padded to ``rows`` entries."""
-    Dp, Hp, Wp = size_p
+def tap_offsets(C: int, ks: Ints, dl: Ints, st: Ints, size_q: Ints, rows: int) -> np.ndarray:
+    """offs[p] for p = (c, kd, kh, kw) in weight order, zero-padded to ``rows`` entries: where
+    the tap's run starts in :func:`phase_input`'s array, from the start of a depth slice."""
+    Qd, Qh, Qw = size_q
     c, kd, kh, kw = np.meshgrid(np.arange(C), np.arange(ks[0]), np.arange(ks[1]),
                                 np.arange(ks[2]), indexing="ij")
-    offs = (c * (Dp * Hp * Wp) + kd * dl[0] * Hp * Wp + kh * dl[1] * Wp + kw * dl[2]).ravel()
+    (ad, qd), (ah, qh), (aw, qw) = ((k * d % t, k * d // t) for k, d, t in
+                                    zip((kd, kh, kw), dl, st))
+    phase = (c * st[0] + ad) * st[1] * st[2] + ah * st[2] + aw
+    offs = (phase * (Qd * Qh * Qw) + qd * Qh * Qw + qh * Qw + qw).ravel()
     out = np.zeros(rows, dtype=np.int64)
     out[:offs.size] = offs
     return out
@@ -120,23 +139,25 @@ def forward_tasks(N: int, OD: int, col_tiles: int, panels: int, threads: int) ->
     return np.array(tasks, dtype=np.int64).reshape(-1, 6)
 
 
-def forward(x5, w5, pd: Ints, dl: Ints, threads: int, flush: bool, y5) -> None:
-    """y (N, K, OD, OH, OW) of the stride-1 convolution of x (N, C, D, H, W) with w (K, C, *KS),
+def forward(x5, w5, st: Ints, pd: Ints, dl: Ints, threads: int, flush: bool, y5) -> None:
+    """y (N, K, OD, OH, OW) of the convolution of x (N, C, D, H, W) with w (K, C, *KS),
     float32."""
     N, C = x5.shape[:2]
     K = w5.shape[0]
     ks = w5.shape[2:]
-    size_p = padded(x5.shape[2:], pd)
+    size_q = phase_size(x5.shape[2:], pd, st)
     out = y5.shape[2:]
     taps = C * ks[0] * ks[1] * ks[2]
-    J = columns(out, size_p)
+    J = columns(out, size_q)
     col_tiles = -(-J // NR)
     panels = -(-K // MR)
     tasks = forward_tasks(N, out[0], col_tiles, panels, threads)
     widest = int(((tasks[:, 3] - tasks[:, 2]) * (tasks[:, 5] - tasks[:, 4])).max())
     buf = np.empty((threads, widest * MR * NR), dtype=np.float32)
-    _forward_kernel(pad_input(x5, pd), pack_filters(w5.reshape(K, taps)),
-                    tap_offsets(C, ks, dl, size_p, taps), tasks, C, size_p, y5, buf, flush)
+    phases = st[0] * st[1] * st[2]
+    _forward_kernel(phase_input(x5, pd, st), pack_filters(w5.reshape(K, taps)),
+                    tap_offsets(C, ks, dl, st, size_q, taps), tasks, C * phases, size_q, y5,
+                    buf, flush)
 
 
 @njit(parallel=True, cache=True)
@@ -176,24 +197,26 @@ def _forward_kernel(xpf, apack, offs, tasks, C, size_p, y, buf, flush):
         leave_flush(state)
 
 
-def backward_weight(gy5, x5, ks: Ints, pd: Ints, dl: Ints, threads: int, flush: bool):
-    """gw (K, C, *KS) of the stride-1 convolution, from gy (N, K, OD, OH, OW) and x, float32."""
+def backward_weight(gy5, x5, ks: Ints, st: Ints, pd: Ints, dl: Ints, threads: int,
+                    flush: bool):
+    """gw (K, C, *KS) of the convolution, from gy (N, K, OD, OH, OW) and x, float32."""
     N, C = x5.shape[:2]
     K = gy5.shape[1]
-    size_p = padded(x5.shape[2:], pd)
+    size_q = phase_size(x5.shape[2:], pd, st)
     out = gy5.shape[2:]
     taps = C * ks[0] * ks[1] * ks[2]
     rows = -(-taps // MR) * MR
     Kp = -(-K // NR) * NR
-    J = columns(out, size_p)
+    J = columns(out, size_q)
     slices = N * out[0]
     runs = min(threads, slices)
     spread = np.array([slices * r // runs for r in range(runs + 1)], dtype=np.int64)
     partials = np.zeros((runs, rows, Kp), dtype=np.float32)
     bpack = np.empty((runs, Kp * J), dtype=np.float32)
-    _backward_weight_kernel(pad_input(x5, pd), np.ascontiguousarray(gy5),
-                            tap_offsets(C, ks, dl, size_p, rows), spread, C, size_p, J, bpack,
-                            partials, flush)
+    phases = st[0] * st[1] * st[2]
+    _backward_weight_kernel(phase_input(x5, pd, st), np.ascontiguousarray(gy5),
+                            tap_offsets(C, ks, dl, st, size_q, rows), spread, C * phases, size_q,
+                            J, bpack, partials, flush)
     total = partials[0]
     for p in partials[1:]:
         total += p  # partial sums added in a fixed order

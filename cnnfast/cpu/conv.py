@@ -128,11 +128,17 @@ class _Geometry:
         # layers, even with one input channel, run faster as one product over all filters.
         return self.groups > 1 and self.taps <= DIRECT_MAX_TAPS
 
-    def direct_gemm(self, dtype) -> bool:
-        """Stride 1, groups 1, float32 on the own microkernel, few padded columns wasted:
-        :mod:`._direct` (the input read in place, no column matrix)."""
-        return (self.st == (1, 1, 1) and self.groups == 1 and use_own(dtype)
-                and _direct.efficiency(self.out, self.size, self.pd) >= DIRECT_MIN_EFFICIENCY)
+    def direct_gemm(self, dtype, weight: bool = False) -> bool:
+        """Groups 1, float32 on the own microkernel, few padded columns wasted:
+        :mod:`._direct` (the input read in place, no column matrix). The forward (and so
+        backward-data) only at stride 1: at stride 2 the column-matrix product was as fast or
+        faster (ResNet-18's downsampling layers, measured); backward-weight at any stride but
+        for 1x1 filters with a stride (a quarter of the phases read: the gather is cheaper)."""
+        if self.groups != 1 or not use_own(dtype):
+            return False
+        if self.st != (1, 1, 1) and (not weight or self.ks == (1, 1, 1)):
+            return False
+        return _direct.efficiency(self.out, self.size, self.pd, self.st) >= DIRECT_MIN_EFFICIENCY
 
     def winograd(self) -> bool:
         """A 2D 3x3 stride-1 undilated ungrouped layer, large enough for Winograd F(2x2, 3x3)."""
@@ -233,7 +239,8 @@ def conv_forward(x, w, stride: Ints, padding: Ints, dilation: Ints, groups: int)
             _pointwise(w5.reshape(geo.K, geo.C), x5.reshape(geo.N, geo.C, -1),
                        y5.reshape(geo.N, geo.K, -1), False, *_choices(x5.dtype))
     elif geo.direct_gemm(x5.dtype):
-        _direct.forward(x5, w5, geo.pd, geo.dl, num_threads(), get_flush_denormals(), y5)
+        _direct.forward(x5, w5, geo.st, geo.pd, geo.dl, num_threads(), get_flush_denormals(),
+                        y5)
     elif geo.winograd():
         _winograd_forward(x5, w5, geo, y5)
     elif geo.direct():
@@ -491,8 +498,8 @@ def conv_backward_weight(gy, x, w_shape: Ints, stride: Ints, padding: Ints, dila
     x5 = as3d(np.asarray(x, dtype=gy5.dtype))
     if geo.empty():
         return np.zeros(geo.w_shape(), dtype=gy5.dtype)
-    if geo.direct_gemm(gy5.dtype):
-        return _direct.backward_weight(gy5, x5, geo.ks, geo.pd, geo.dl, num_threads(),
+    if geo.direct_gemm(gy5.dtype, weight=True):
+        return _direct.backward_weight(gy5, x5, geo.ks, geo.st, geo.pd, geo.dl, num_threads(),
                                        get_flush_denormals()).reshape(geo.w_shape())
     if geo.winograd() and min(geo.C, geo.K) >= WINOGRAD_WEIGHT_MIN_CHANNELS:
         return _winograd_backward_weight(gy5, x5, geo).reshape(geo.w_shape())
