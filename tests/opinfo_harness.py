@@ -130,19 +130,22 @@ def samples(key: tuple[str, str], dtype: type) -> tuple:
     return tuple(found)
 
 
-def sample_id(sample) -> str:
-    """A short stable description of a sample (shapes and arguments)."""
+def describe(v) -> str:
+    """A short stable text for a value of a sample: tensors by shape, containers recursively."""
     import torch
 
-    def d(v):
-        if isinstance(v, torch.Tensor):
-            return f"T{tuple(v.shape)}"
-        if isinstance(v, (list, tuple)):
-            return "(" + ", ".join(d(x) for x in v) + ")"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k}={d(x)}" for k, x in v.items()) + "}"
-        return repr(v)
-    return f"{d(sample.input)} {d(sample.args)} {d(sample.kwargs)}"
+    if isinstance(v, torch.Tensor):
+        return f"T{tuple(v.shape)}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(describe(x) for x in v) + ")"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}={describe(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
+def sample_id(sample) -> str:
+    """A short stable description of a sample (shapes and arguments)."""
+    return f"{describe(sample.input)} {describe(sample.args)} {describe(sample.kwargs)}"
 
 
 def derandomised_subset(key, dtype, count: int) -> list:

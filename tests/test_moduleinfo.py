@@ -18,6 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("expecttest")  # torch.testing._internal needs it
 
+from opinfo_harness import describe  # noqa: E402
+
 import cnnfast  # noqa: E402
 from cnnfast import dispatch, nn  # noqa: E402
 
@@ -79,14 +81,7 @@ def _convert(v, dtype):
 
 
 def _describe(ctor, fwd) -> str:
-    def d(v):
-        if isinstance(v, torch.Tensor):
-            return f"T{tuple(v.shape)}"
-        if isinstance(v, (list, tuple)):
-            return "(" + ", ".join(d(x) for x in v) + ")"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k}={d(x)}" for k, x in v.items()) + "}"
-        return repr(v)
+    d = describe
     return f"{d(ctor.args)} {d(ctor.kwargs)} -> {d(fwd.args)} {d(fwd.kwargs)}"
 
 

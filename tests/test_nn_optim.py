@@ -225,3 +225,14 @@ def test_sequential_fusion_is_explicit_and_keeps_instance_forward_overrides():
     relu = seq[4]
     object.__setattr__(relu, "forward", lambda inp: inp)  # an overridden ReLU is no ReLU to fuse
     assert seq.fused_pairs() == [0]
+
+
+def test_convert_sync_batchnorm_keeps_batchnorm1d_one_dimensional():
+    from cnnfast.nn.sync_batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    x = cnnfast.tensor(np.random.default_rng(2).standard_normal((5, 3)).astype(np.float32))
+    expected = model(x).numpy()
+    convert_sync_batchnorm(model, group=None)
+    assert type(model[1]) is SyncBatchNorm1d
+    np.testing.assert_array_equal(model(x).numpy(), expected)  # no group: plain batch norm

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnnfast import backend
-from cnnfast.nn.layers import BatchNorm2d, BatchNorm3d, _BatchNorm
+from cnnfast.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from cnnfast.nn.module import Module
 from cnnfast.tensor import Function, Tensor, as_tensor
 
@@ -109,9 +109,10 @@ class _SyncMixin:
         if not self.training or group is None or group.size == 1:
             return super().forward(x)
         x = as_tensor(x, name="SyncBatchNorm input")
-        if x.ndim != self.nd + 2:
-            raise ValueError(f"{type(self).__name__}: input must be {self.nd + 2}-D, "
-                             f"got shape {x.shape}")
+        ranks = (2, 3) if self.nd == 1 else (self.nd + 2,)
+        if x.ndim not in ranks:
+            raise ValueError(f"{type(self).__name__}: input must be "
+                             f"{' or '.join(f'{r}-D' for r in ranks)}, got shape {x.shape}")
         C = self.num_features
         if x.shape[1] != C:
             raise ValueError(f"{type(self).__name__}: input has {x.shape[1]} channels, "
@@ -125,6 +126,10 @@ class _SyncMixin:
         rv = None if self.running_var is None else self.running_var.data
         return SyncBatchNormFunction(group, rm, rv, float(self.momentum),
                                      float(self.eps)).apply(x, gamma, beta)
+
+
+class SyncBatchNorm1d(_SyncMixin, BatchNorm1d):
+    """``BatchNorm1d`` with statistics over the global batch of a data-parallel run."""
 
 
 class SyncBatchNorm2d(_SyncMixin, BatchNorm2d):
@@ -144,7 +149,7 @@ def convert_sync_batchnorm(module: Module, group) -> Module:
             if not isinstance(m, _SyncMixin):
                 # Same attributes and registries, only the class changes: state-dict names and
                 # checkpoints stay those of plain batch norm.
-                object.__setattr__(m, "__class__", SyncBatchNorm3d if m.nd == 3
-                                   else SyncBatchNorm2d)
+                synced = {1: SyncBatchNorm1d, 2: SyncBatchNorm2d, 3: SyncBatchNorm3d}[m.nd]
+                object.__setattr__(m, "__class__", synced)
             object.__setattr__(m, "group", group)
     return module
