@@ -443,7 +443,7 @@ def summary(out_dir: Path) -> int:
             name, rc, seconds = line.split()
             status[name] = {"rc": int(rc), "seconds": float(seconds)}
     report = {"sim": SIM, "steps": status}
-    for name in ("ops", "bench"):
+    for name in ("ops", "bench", "tc_check"):
         path = out_dir / f"{name}.json"
         if path.exists():
             report[name] = json.loads(path.read_text())
@@ -483,6 +483,16 @@ def summary(out_dir: Path) -> int:
                              f"{math.exp(np.mean(np.log(share))):.2f} (geometric mean, "
                              f"{len(large)} layers; min {min(share):.2f}, max {max(share):.2f}); "
                              f"best {best:.1f} TFLOP/s")
+    tc = report.get("tc_check", {})
+    if tc.get("checks"):
+        worst = max(tc["checks"], key=lambda r: r["max_error_over_bound"])
+        lines.append(f"  tensor cores: {sum(r['ok'] for r in tc['checks'])}/{len(tc['checks'])} "
+                     f"within the rounding bound (largest error / bound "
+                     f"{worst['max_error_over_bound']:.2f}, {worst['kernel']} {worst['pass']})")
+    for name, ratio in tc.get("targets", {}).items():
+        if "tf32_over_fp32" in ratio:
+            lines.append(f"  tensor cores {name}: TF32 {ratio['tf32_over_fp32']:.2f}x cnnfast "
+                         f"FP32, {ratio['tf32_vs_cudnn_tf32']:.2f}x cuDNN TF32 throughput")
     launch = report.get("bench", {}).get("launch")
     if launch:
         lines.append("  host us per launch: " + ", ".join(f"{k[:-3]} {v:.1f}"

@@ -14,8 +14,11 @@
 #   racecheck  (c) compute-sanitizer racecheck over the same step
 #   bench      (d) training steps and conv forward / backward-data / backward-weight per layer
 #                  vs PyTorch + cuDNN (TF32 off and on), host microseconds per launch
+#   tc         (e) the TF32 / BF16 tensor-core convolutions: every element within the bound
+#                  derived from the rounding, and their speed vs the FP32 kernels and cuDNN
+#                  TF32 / BF16 (benchmarks/gpu_tc_check.py, OUT_DIR/tc_check.json)
 # then a summary (OUT_DIR/summary.json) and the exit status: 0 when every step passed.
-# To fit a short GPU lease: GPU_CHECK_{SUITE,OPS,SANITIZER,BENCH}_SECONDS set the step limits,
+# To fit a short GPU lease: GPU_CHECK_{SUITE,OPS,SANITIZER,BENCH,TC}_SECONDS set the step limits,
 # GPU_CHECK_SANITIZERS the tools to run ("memcheck racecheck"), GPU_CHECK_BENCH_ARGS=--full adds
 # the larger layer sets to the bench.
 # Runs from the working tree (no install): PYTHONPATH points at the repository.
@@ -123,6 +126,8 @@ wait "$suite_pid"
 
 run bench "${GPU_CHECK_BENCH_SECONDS:-150}" "$py" benchmarks/gpu_check.py bench "$out" \
     "${flags[@]}" ${GPU_CHECK_BENCH_ARGS:-}
+
+run tc "${GPU_CHECK_TC_SECONDS:-150}" "$py" benchmarks/gpu_tc_check.py "$out" "${flags[@]}"
 
 "$py" benchmarks/gpu_check.py summary "$out" "${flags[@]}" 2>&1 | tee -a "$log"
 exit "${PIPESTATUS[0]}"

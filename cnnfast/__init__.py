@@ -11,7 +11,14 @@ import numpy as np
 from cnnfast import functional, nn, optim
 from cnnfast._version import __version__
 from cnnfast.autograd import enable_grad, is_grad_enabled, no_grad
-from cnnfast.dispatch import cpu_path, cuda_available, get_cpu_path, set_cpu_path
+from cnnfast.dispatch import (
+    cpu_path,
+    cuda_available,
+    get_cpu_path,
+    get_float32_matmul_precision,
+    set_cpu_path,
+    set_float32_matmul_precision,
+)
 from cnnfast.dlpack import from_dlpack
 from cnnfast.rng import manual_seed
 from cnnfast.tensor import Tensor, cat, tensor
@@ -54,11 +61,13 @@ __all__ = [
     "from_dlpack",
     "functional",
     "get_cpu_path",
+    "get_float32_matmul_precision",
     "is_grad_enabled",
     "manual_seed",
     "nn",
     "no_grad",
     "optim",
     "set_cpu_path",
+    "set_float32_matmul_precision",
     "tensor",
 ]

@@ -9,6 +9,8 @@ Option (``get(name)``) and variable, with its default:
 - ``data_dir``, CNNFAST_DATA_DIR: where MedMNIST files are looked for and downloaded
   (``~/.medmnist``)
 - ``medmnist_url``, CNNFAST_MEDMNIST_URL: download from this URL instead of Zenodo (none)
+- ``matmul_precision``, CNNFAST_MATMUL_PRECISION: how float32 convolutions multiply on
+  ``cuda``, ``highest`` (FP32), ``high`` (TF32 tensor cores) or ``medium`` (BF16) (``highest``)
 - ``malloc_tune``, CNNFAST_MALLOC_TUNE: raise glibc's mmap and trim thresholds once (on)
 - ``dist_timeout``, CNNFAST_DIST_TIMEOUT: seconds a data-parallel rank waits for the others (300)
 - ``bench_cuda_sim``, CNNFAST_BENCH_CUDA_SIM: ``benchmarks/`` runs the pytest-benchmark suites'
@@ -47,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 CPU_PATHS = ("fast", "reference")  # the user's names of the two CPU kernel paths
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # PyTorch's set_float32_matmul_precision
 
 _ON = ("1", "true", "yes", "on")
 _OFF = ("0", "false", "no", "off")
@@ -117,6 +120,8 @@ OPTIONS: dict[str, Option] = {
     "cuda_simulated": Option("NUMBA_ENABLE_CUDASIM", parse_flag, False, settable=False),
     "data_dir": Option("CNNFAST_DATA_DIR", _path, None),  # None: ~/.medmnist, see data_dir()
     "medmnist_url": Option("CNNFAST_MEDMNIST_URL", _text, None),
+    "matmul_precision": Option("CNNFAST_MATMUL_PRECISION", _one_of(*MATMUL_PRECISIONS),
+                               "highest"),
     "malloc_tune": Option("CNNFAST_MALLOC_TUNE", parse_flag, True),
     "dist_timeout": Option("CNNFAST_DIST_TIMEOUT", _seconds, 300.0),
     "bench_cuda_sim": Option("CNNFAST_BENCH_CUDA_SIM", parse_flag, False),

@@ -149,6 +149,26 @@ def cpu_path(path: str):
         yield
 
 
+def set_float32_matmul_precision(precision: str) -> None:
+    """How float32 convolutions multiply on ``cuda`` (PyTorch's names): ``"highest"`` FP32
+    kernels (the default), ``"high"`` TF32 tensor cores, ``"medium"`` BF16 tensor cores, both
+    with float32 accumulation (sm_80 or newer). The CPU paths and float64 ignore it; also
+    ``$CNNFAST_MATMUL_PRECISION``."""
+    config.set_option("matmul_precision", _checked_precision(precision))
+
+
+def get_float32_matmul_precision() -> str:
+    """The float32 matmul precision in force (``"highest"`` unless set)."""
+    return config.get("matmul_precision")
+
+
+def _checked_precision(precision: str) -> str:
+    if precision not in config.MATMUL_PRECISIONS:
+        raise ValueError(f"float32 matmul precision must be one of {config.MATMUL_PRECISIONS}, "
+                         f"got {precision!r}")
+    return precision
+
+
 def _load(package: str) -> SimpleNamespace:
     """Collect every contract op of one path package into a namespace (imported lazily)."""
     if package in _cache:

@@ -11,8 +11,13 @@ GPU work.
 with the real compiler, no GPU needed: Numba -> NVVM -> PTX for each target architecture, then
 ``ptxas -v`` from the ``nvidia-cuda-nvcc`` wheel (never a toolkit the machine happens to have),
 and prints one row per kernel and architecture: registers, spill bytes, stack frame, shared
-memory, block size and the theoretical occupancy that follows. The exit status is 1 when a
-kernel fails to compile or spills.
+memory, block size and the theoretical occupancy that follows. The tensor-core kernels call the
+CUDA C of the top-level ``kernels/``: for them NVVM writes LTO-IR, NVRTC compiles
+``kernels/mma.cu`` to LTO-IR, and nvJitLink links the two with link-time optimisation into the
+PTX that ptxas assembles (what Numba does at run time, there straight to a cubin); every
+``kernels/*.cu`` also gets rows of its own (NVRTC, then ``ptxas -c``). NVRTC and nvJitLink come
+from their wheels through ``cuda-bindings``, driver-free. The exit status is 1 when a kernel
+fails to compile or spills.
 """
 
 from __future__ import annotations
@@ -344,13 +349,14 @@ def _label(label: str, record) -> tuple[str, str]:
 
     constants = _variants.closure_constants(record.dispatcher)
     words = dict(w.split("=", 1) for w in constants.split())
+    per_thread = (f"{words.get('RM')}x{words.get('RN')}" if "RM" in words else
+                  f"w{words.get('WM')}x{words.get('WN')} {words.get('MMA')}")
     shown = [label.split()[0] + " tiles" if "BM" in words else "",
-             f"{words['BM']}x{words['BN']}x{words['BK']}/{words['RM']}x{words['RN']}"
-             if "BM" in words else ""]
+             f"{words['BM']}x{words['BN']}x{words['BK']}/{per_thread}" if "BM" in words else ""]
     dtype = next((str(t.dtype) for t in record.types if hasattr(t, "dtype")), "")
     shown.append(words.get("dtype", dtype))
     hidden = {"BM", "BN", "BK", "RM", "RN", "TM", "TN", "A_LOADS", "B_LOADS", "A_STEP", "B_STEP",
-              "LOAD_STEP", "TAPS", "dtype", "BIG"}
+              "LOAD_STEP", "TAPS", "dtype", "BIG", "ACC_M", "ACC_N", "MMA", "WM", "WN"}
     shown += [f"{k}={v}" for k, v in words.items() if k not in hidden]
     return " ".join(w for w in shown if w), variant_key(record)
 
@@ -359,26 +365,57 @@ def _compile_one(index: int, arch: str, ptxas: str) -> CompileRow:
     """Compile variant ``index`` for ``arch`` (in a worker process without the simulator)."""
     from numba import cuda
 
+    from cnnfast.cuda._variants import links_cuda_c
+
     label, record = _variants()[index]
     variant, key = _label(label, record)
     row = CompileRow(record.kernel, variant, arch, key, threads=record.block)
     cc = (int(arch[3]), int(arch[4:]))
     _target_without_driver(cc)
+    linked = links_cuda_c(record.dispatcher)
     try:
-        ptx, _ = cuda.compile_ptx(record.dispatcher.py_func, record.types, cc=cc)
+        if linked:  # a tensor-core kernel: Numba's LTO-IR + kernels/mma.cu, as Numba links them
+            ltoir, _ = cuda.compile(record.dispatcher.py_func, record.types, device=False,
+                                    abi="numba", output="ltoir", cc=cc)
+        else:
+            ptx, _ = cuda.compile_ptx(record.dispatcher.py_func, record.types, cc=cc)
     except Exception as exc:  # noqa: BLE001 - any compile failure is a table row
         row.error = f"NVVM: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         return row
+    if linked:
+        from cnnfast.cuda import _mma
+
+        try:
+            mma = nvrtc_compile(str(_mma.source("mma.cu")), arch, lto=True)
+            ptx = nvjitlink_ptx([("kernel", ltoir), ("mma.cu", mma)], arch)
+        except RuntimeError as exc:
+            row.error = str(exc)[:300]
+            return row
+    return _ptxas_resources(row, ptx, arch, ptxas, record.shared_bytes)
+
+
+def _ptxas_resources(row: CompileRow, ptx: str, arch: str, ptxas: str, dynamic_shared: int = 0,
+                     relocatable: bool = False) -> CompileRow:
+    """Assemble ``ptx`` with ``ptxas -v`` and fill ``row`` with what it reports."""
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "kernel.ptx")
         Path(source).write_text(ptx)
-        out = subprocess.run([ptxas, f"-arch={arch}", "-v", source, "-o",
-                              os.path.join(tmp, "kernel.cubin")],
+        out = subprocess.run([ptxas, f"-arch={arch}", "-v", *(["-c"] if relocatable else []),
+                              source, "-o", os.path.join(tmp, "kernel.cubin")],
                              capture_output=True, text=True)
     log = out.stdout + out.stderr
     if out.returncode != 0:
         last = log.strip().splitlines()[-1][:300] if log.strip() else f"exit {out.returncode}"
         row.error = f"ptxas: {last}"
+        return row
+    if relocatable:  # device functions only: per-function stack and spills, no register count
+        name = re.escape(row.kernel)
+        props = re.search(rf"Function properties for {name}\s+(\d+) bytes stack frame, (\d+) "
+                          rf"bytes spill stores, (\d+) bytes spill loads", log)
+        if not props:
+            row.error = f"ptxas compiled no function {row.kernel}"
+            return row
+        row.stack_bytes, row.spill_stores, row.spill_loads = (int(v) for v in props.groups())
         return row
     resources = _PTXAS_RESOURCES.search(log)
     used = _PTXAS_USED.search(log)
@@ -388,10 +425,102 @@ def _compile_one(index: int, arch: str, ptxas: str) -> CompileRow:
         return row
     row.stack_bytes, row.spill_stores, row.spill_loads = (int(v) for v in resources.groups())
     row.registers = int(used.group(1))
-    row.shared_bytes = (int(smem.group(1)) if smem else 0) + record.shared_bytes
+    row.shared_bytes = (int(smem.group(1)) if smem else 0) + dynamic_shared
     row.blocks_per_sm, row.occupancy = occupancy(arch, row.registers, row.shared_bytes,
                                                  row.threads)
     return row
+
+
+# --- CUDA C: NVRTC and nvJitLink from the wheels, no driver ------------------------------------
+
+def _check(result, what: str, log=None) -> tuple:
+    status, *values = result if isinstance(result, tuple) else (result,)
+    if int(status) != 0:
+        detail = f": {log()}" if log else ""
+        raise RuntimeError(f"{what} failed ({status}){detail}")
+    return tuple(values)
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_compile(path: str, arch: str, lto: bool = False):
+    """A CUDA C file compiled by NVRTC for ``arch`` (relocatable): PTX text, or LTO-IR bytes."""
+    from cuda.bindings import nvrtc
+
+    (prog,) = _check(nvrtc.nvrtcCreateProgram(Path(path).read_bytes(),
+                                              os.path.basename(path).encode(), 0, [], []),
+                     "nvrtcCreateProgram")
+
+    def log():
+        (size,) = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        text = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, text)
+        return text.rstrip(b"\0").decode(errors="replace").strip()[:300]
+
+    options = [f"-arch={arch}".encode(), b"-rdc=true", b"-std=c++17"] + ([b"-dlto"] if lto
+                                                                          else [])
+    try:
+        _check(nvrtc.nvrtcCompileProgram(prog, len(options), options),
+               f"NVRTC {os.path.basename(path)}", log)
+        get_size, get = ((nvrtc.nvrtcGetLTOIRSize, nvrtc.nvrtcGetLTOIR) if lto else
+                         (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX))
+        (size,) = _check(get_size(prog), "NVRTC output size")
+        code = b" " * size
+        _check(get(prog, code), "NVRTC output")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return code if lto else code.rstrip(b"\0").decode()
+
+
+def nvjitlink_ptx(objects: list[tuple[str, bytes]], arch: str) -> str:
+    """LTO-IR objects linked by nvJitLink with link-time optimisation into one PTX module (what
+    ptxas then assembles; Numba links a kernel and its ``link=`` files the same way)."""
+    from cuda.bindings import nvjitlink
+
+    handle = nvjitlink.create(3, [f"-arch={arch}", "-lto", "-ptx"])
+    try:
+        try:
+            for name, data in objects:
+                nvjitlink.add_data(handle, nvjitlink.InputType.LTOIR, data, len(data), name)
+            nvjitlink.complete(handle)
+        except nvjitlink.nvJitLinkError as exc:
+            text = bytearray(nvjitlink.get_error_log_size(handle))
+            nvjitlink.get_error_log(handle, text)
+            detail = bytes(text).rstrip(b"\0").decode(errors="replace")[:300]
+            raise RuntimeError(f"nvJitLink: {exc}: {detail}") from exc
+        size = nvjitlink.get_linked_ptx_size(handle)
+        ptx = bytearray(size)
+        nvjitlink.get_linked_ptx(handle, ptx)
+    finally:
+        _destroy(nvjitlink, handle)
+    return bytes(ptx).rstrip(b"\0").decode()
+
+
+def _destroy(nvjitlink, handle) -> None:
+    try:
+        nvjitlink.destroy(handle)
+    except Exception:  # noqa: BLE001 - nothing to do about a failed cleanup
+        pass
+
+
+def cuda_c_functions(path: str) -> list[str]:
+    """The ``extern "C" __device__`` functions a kernels/ source defines."""
+    return re.findall(r'extern\s+"C"\s+__device__\s+\w+\s+(\w+)\s*\(',
+                      Path(path).read_text())
+
+
+def _compile_source(path: str, arch: str, ptxas: str) -> list[CompileRow]:
+    """Rows for one kernels/ source on its own: NVRTC to PTX, ``ptxas -c -v`` per function."""
+    name = os.path.basename(path)
+    functions = cuda_c_functions(path) or [name]
+    rows = [CompileRow(f, f"kernels/{name} NVRTC + ptxas -c", arch, f"{name}:{f}", threads=32)
+            for f in functions]
+    try:
+        ptx = nvrtc_compile(path, arch)
+    except (RuntimeError, ImportError, OSError) as exc:
+        for row in rows:
+            row.error = str(exc)[:300]
+        return rows
+    return [_ptxas_resources(row, ptx, arch, ptxas, relocatable=True) for row in rows]
 
 
 class _TargetDevice:
@@ -432,6 +561,11 @@ def compile_all(arches=ARCHES, jobs: int | None = None) -> tuple[list[CompileRow
                                                     initializer=_worker_init) as pool:
             rows = list(pool.map(_compile_one, *zip(*tasks), [ptxas] * len(tasks),
                                  chunksize=max(1, len(tasks) // (4 * jobs))))
+    from cnnfast.cuda import _mma
+
+    for path in sorted(_mma.kernels_dir().glob("*.cu")):  # each CUDA C source on its own
+        for arch in arches:
+            rows += _compile_source(str(path), arch, ptxas)
     return rows, time.perf_counter() - start
 
 

@@ -88,7 +88,7 @@ def small_simulator_launches():
 
     interval = sys.getswitchinterval()
     sys.setswitchinterval(5e-4)
-    with rt.launch_config(tiles=rt.SMALL_TILES, threads=32):
+    with rt.launch_config(tiles=rt.SMALL_TILES, threads=32, mma_tiles=rt.SMALL_MMA_TILES):
         yield
     sys.setswitchinterval(interval)
 

@@ -357,7 +357,7 @@ def test_batch_norm_matches_reference(shape_id, dtype):
 def test_default_config_on_tiny_shapes():
     """Every non-conv kernel with the default 256-thread blocks."""
     rng = np.random.default_rng(11)
-    with rt.launch_config(tiles=rt.GPU_TILES, threads=256):
+    with rt.launch_config(tiles=rt.GPU_TILES, threads=256, mma_tiles=rt.GPU_MMA_TILES):
         assert rt.current_config() == rt.LaunchConfig()
         x = randn(rng, (2, 3, 5, 4), np.float32)
         args = ((3, 3), (2, 2), (1, 1))

@@ -115,6 +115,17 @@ def test_every_kernel_compiles_for_real_without_spills(tmp_path):
     conv = [r for r in rows if r["kernel"] == "conv_forward_kernel" and "64x64x16" in r["variant"]
             and "float32" in r["variant"]]
     assert conv and all(r["threads"] == 256 and r["registers"] > 32 for r in conv)
+    # the tensor-core kernels, linked with kernels/mma.cu by nvJitLink, and mma.cu on its own
+    for family in ("conv_forward_kernel", "conv_backward_data_kernel",
+                   "conv_backward_weight_kernel"):
+        for precision in ("tf32", "bf16"):
+            linked = [r for r in rows if r["kernel"] == family and f"w4x2 {precision}" in
+                      r["variant"] and "128x64x16" in r["variant"]]
+            assert {r["arch"] for r in linked} == {"sm_80", "sm_90"}, (family, precision)
+            assert all(r["threads"] == 256 and r["registers"] > 32 for r in linked)
+    wrappers = {(r["kernel"], r["arch"]) for r in rows if "kernels/mma.cu" in r["variant"]}
+    assert wrappers == {(f, a) for f in ("cnnfast_mma_tf32_m16n8k8", "cnnfast_mma_bf16_m16n8k16")
+                        for a in ("sm_80", "sm_90")}
 
     # every launch of a simulated SmallCNN training step is a compiled variant
     import cnnfast
@@ -148,11 +159,18 @@ def test_gpu_check_script_runs_in_the_simulator(tmp_path):
     assert report["verdict"] == "pass" and report["sim"]
     assert {n: s["rc"] for n, s in report["steps"].items()} == {
         "doctor": 0, "suite": 0, "ops": 0, "step": 0, "memcheck": 77, "racecheck": 77,
-        "bench": 0}
+        "bench": 0, "tc": 0}
     ops = report["ops"]["rows"]
     assert len(ops) > 30 and all(r["ok"] for r in ops)
     assert {"conv_backward_weight", "batch_norm_relu_forward_train", "max_pool_backward"} <= {
         r["op"] for r in ops}
     (step,) = report["bench"]["steps"]
     assert step["launches"] <= 36 and step["kernel_arguments"] <= 250
-    assert (tmp_path / "gpu_check.log").read_text().count("=== ") >= 12
+    assert (tmp_path / "gpu_check.log").read_text().count("=== ") >= 14
+    tc = report["tc_check"]
+    assert tc["verdict"] == "pass" and len(tc["checks"]) >= 27 and all(
+        r["ok"] for r in tc["checks"])
+    assert {(r["kernel"], r["pass"]) for r in tc["checks"]} == {
+        (k, p) for k in ("fp32", "tf32", "bf16")
+        for p in ("forward", "backward_data", "backward_weight")}
+    assert any(r["shape"].startswith("tiny3d") for r in tc["checks"]) and tc["bench"]

@@ -256,7 +256,9 @@ def _train(args: argparse.Namespace, parallel) -> int:
           f"{config.lr:g}, {config.schedule} schedule"
           + (f" {config.resolved_milestones()}" if config.schedule == "multistep" else "")
           + f", weight decay {config.weight_decay:g}, batch {config.batch_size}, "
-            f"{config.epochs} epochs, seed {config.seed}, device {config.device}")
+            f"{config.epochs} epochs, seed {config.seed}, device {config.device}"
+          + (f", matmul precision {settings.get('matmul_precision')}"
+             if config.device == "cuda" else ""))
     if parallel is not None:
         print(f"data parallel: {parallel.size} ranks ({parallel.backend}), batch "
               f"{config.batch_size} split over them, "
@@ -386,10 +388,17 @@ def add_parser(sub) -> None:
                    help="time the convolutions' tile configurations once per shape and GPU and "
                         "keep the fastest (cached in CNNFAST_CACHE_DIR; like cudnn.benchmark; "
                         "results agree to rounding, not bit for bit, with the default)")
+    p.add_argument("--matmul-precision", choices=settings.MATMUL_PRECISIONS, default=None,
+                   help="float32 convolutions on cuda: highest (FP32, the default), high (TF32 "
+                        "tensor cores) or medium (BF16); as cnnfast.set_float32_matmul_precision")
     _add_parallel_args(p)
     _add_resume_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_demo(args) if args.command == "demo" else run_train(args)
+    if args.command == "demo":
+        return run_demo(args)
+    precision = getattr(args, "matmul_precision", None)
+    with settings.using_config(**({"matmul_precision": precision} if precision else {})):
+        return run_train(args)

@@ -84,11 +84,62 @@ SMALL_TILES = GemmTiles(block_m=8, block_n=8, block_k=4, micro_m=2, micro_n=2)  
 
 
 @dataclasses.dataclass(frozen=True)
+class MmaTiles:
+    """Tile shape of the tensor-core convolution kernels (``cnnfast.cuda._mma``).
+
+    A block of ``warps_m * warps_n`` warps computes a ``block_m`` x ``block_n`` output tile
+    from ``block_k``-deep slices staged in shared memory, as the SIMT kernels do; each warp owns
+    a (block_m / warps_m) x (block_n / warps_n) part of it, made of 16 x 8 MMA tiles, and
+    ``precision`` ("tf32" or "bf16") picks the MMA (k = 8 or 16 per instruction). The loaders
+    are the SIMT kernels' own, hence the same thread-count rules.
+    """
+
+    block_m: int = 128
+    block_n: int = 64
+    block_k: int = 16
+    warps_m: int = 4
+    warps_n: int = 2
+    precision: str = "tf32"
+
+    def __post_init__(self):
+        if self.precision not in ("tf32", "bf16"):
+            raise ValueError(f"precision must be 'tf32' or 'bf16', got {self.precision!r}")
+        wm, wn = self.block_m // max(self.warps_m, 1), self.block_n // max(self.warps_n, 1)
+        if (self.warps_m < 1 or self.warps_n < 1 or wm * self.warps_m != self.block_m
+                or wn * self.warps_n != self.block_n or wm % 16 or wn % 8 or self.block_k % 16):
+            raise ValueError(f"tiles {self}: each warp needs a whole number of 16 x 8 MMA tiles "
+                             f"and block_k a multiple of 16")
+        t, bm, bk = self.threads, self.block_m, self.block_k
+        if t % bm or t % bk or (bm * bk) % t or (self.block_n * bk) % t or t > 1024:
+            raise ValueError(f"tiles {self}: the thread count {t} must be a multiple of block_m "
+                             f"and block_k and divide block_m * block_k and block_n * block_k")
+
+    @property
+    def warp_m(self) -> int:
+        return self.block_m // self.warps_m
+
+    @property
+    def warp_n(self) -> int:
+        return self.block_n // self.warps_n
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps_m * self.warps_n
+
+
+# 128 x 64 output tile, 8 warps of 32 x 32 (2 x 4 MMA tiles each), 16-deep slices
+GPU_MMA_TILES = MmaTiles()
+SMALL_MMA_TILES = MmaTiles(block_m=32, block_n=16, block_k=16, warps_m=2, warps_n=1)  # 64 thr.
+
+
+@dataclasses.dataclass(frozen=True)
 class LaunchConfig:
-    """Launch settings: conv GEMM ``tiles`` and ``threads`` per block of the other kernels."""
+    """Launch settings: conv GEMM ``tiles``, the tensor-core conv kernels' ``mma_tiles`` (their
+    precision is set per call) and ``threads`` per block of the other kernels."""
 
     tiles: GemmTiles = GPU_TILES
     threads: int = 256
+    mma_tiles: MmaTiles = GPU_MMA_TILES
 
     def __post_init__(self):
         t = self.threads
@@ -104,12 +155,14 @@ def current_config() -> LaunchConfig:
 
 
 @contextlib.contextmanager
-def launch_config(tiles: GemmTiles | None = None, threads: int | None = None):
+def launch_config(tiles: GemmTiles | None = None, threads: int | None = None,
+                  mma_tiles: MmaTiles | None = None):
     """Run the block with other launch settings (results agree to rounding, not bitwise)."""
     global _config
     previous = _config
     _config = LaunchConfig(tiles=previous.tiles if tiles is None else tiles,
-                           threads=previous.threads if threads is None else threads)
+                           threads=previous.threads if threads is None else threads,
+                           mma_tiles=previous.mma_tiles if mma_tiles is None else mma_tiles)
     try:
         yield _config
     finally:

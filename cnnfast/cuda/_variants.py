@@ -4,10 +4,11 @@
 and the optimizer update) on tiny host arrays inside ``_runtime.count_launches(record_only=True)``:
 nothing executes, but every launch is recorded with its kernel, argument types and block size.
 Each dtype, each shipped tile configuration, 2D and 3D, every fused flag and every kernel mode
-is reached, along with the branches that only large inputs take (backward weight's split
-reduction, max pooling's reach table in global memory). ``cnnfast doctor --compile`` compiles
-each distinct (kernel, argument types) pair with the real compiler; the test suite checks that
-every launch a training step makes in the simulator is among them.
+is reached (the tensor-core convolutions with each shipped ``MmaTiles`` and precision), along
+with the branches that only large inputs take (backward weight's split reduction, max pooling's
+reach table in global memory). ``cnnfast doctor --compile`` compiles each distinct (kernel,
+argument types) pair with the real compiler; the test suite checks that every launch a training
+step makes in the simulator is among them.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ SHIPPED_TILES = {"gpu": rt.GPU_TILES, "small": rt.SMALL_TILES}
 # autotune's other candidates, which it tries for float32 convolutions only
 TUNED_TILES = {f"tuned {t.block_m}x{t.block_n}": t for t in autotune.CANDIDATES
                if t not in SHIPPED_TILES.values()}
+SHIPPED_MMA_TILES = {"gpu": rt.GPU_MMA_TILES, "small": rt.SMALL_MMA_TILES}
 DTYPES = (np.float32, np.float64)
+TENSOR_CORE_PRECISIONS = ("high", "medium")  # float32 matmul precisions with MMA kernels
 
 
 def _conv_ops(dtype, nd: int) -> None:
@@ -124,15 +127,29 @@ def kernel_variants() -> list[tuple[str, rt.LaunchRecord]]:
                     for nd in (2, 3):
                         record(f"{tiles_name} {dtype.name} {nd}d",
                                functools.partial(_conv_ops, dtype, nd))
+        # the tensor-core convolutions: float32 under each precision that selects them
+        for tiles_name, tiles in SHIPPED_MMA_TILES.items():
+            with rt.launch_config(mma_tiles=tiles):
+                for precision in TENSOR_CORE_PRECISIONS:
+                    for nd in (2, 3):
+                        with config.using_config(matmul_precision=precision):
+                            record(f"{tiles_name} float32 {nd}d",
+                                   functools.partial(_conv_ops, np.float32, nd))
     return list(seen.values())
 
 
 def closure_constants(dispatcher) -> str:
-    """The compile-time constants a kernel factory baked in, as ``NAME=value`` words."""
+    """The compile-time constants a kernel factory baked in, as ``NAME=value`` words (with a
+    convolution kernel's micro-tile, or its MMA precision and warp grid)."""
     func = getattr(dispatcher, "py_func", None)
     if func is None or func.__closure__ is None:
         return ""
     words = []
+    tiles = getattr(dispatcher, "cnnfast_tiles", None)  # a convolution kernel's tile shape
+    if isinstance(tiles, rt.MmaTiles):
+        words += [f"MMA={tiles.precision}", f"WM={tiles.warps_m}", f"WN={tiles.warps_n}"]
+    elif isinstance(tiles, rt.GemmTiles):
+        words += [f"RM={tiles.micro_m}", f"RN={tiles.micro_n}"]
     for name, cell in zip(func.__code__.co_freevars, func.__closure__):
         value = cell.cell_contents
         if isinstance(value, (bool, int, np.integer)) and name.isupper():
@@ -140,3 +157,8 @@ def closure_constants(dispatcher) -> str:
         elif name == "nbt":
             words.append(f"dtype={value}")
     return " ".join(words)
+
+
+def links_cuda_c(dispatcher) -> bool:
+    """Whether a kernel calls the CUDA C wrappers of kernels/mma.cu (a tensor-core kernel)."""
+    return isinstance(getattr(dispatcher, "cnnfast_tiles", None), rt.MmaTiles)

@@ -31,23 +31,29 @@ reduction over ``gridDim.z`` blocks writing separate partial tiles that a second
 split order, so every result is deterministic. Flat offsets are int64.
 
 The three kernels share their slice multiply, register fragments and tile staging as device
-functions inlined at the Numba IR level (:func:`_gemm_steps`); ``cnnfast doctor --compile``
-shows they cost no registers or spills. The :class:`Geometry` reaches a kernel as one int64
-device array (see ``_runtime.launch``), and forward adds the bias and applies a ReLU in its
-epilogue when asked (:func:`conv_bias_relu_forward`), saving those ops' launches.
+functions inlined at the Numba IR level (:func:`._gemm.gemm_steps`); ``cnnfast doctor
+--compile`` shows they cost no registers or spills. Under ``set_float32_matmul_precision``
+"high" or "medium", float32 convolutions run the same kernels with warp-level TF32 / BF16
+tensor-core MMA as their multiply (:func:`mma_tiles`, ``cuda/_mma.py``). The :class:`Geometry`
+reaches a kernel as one int64 device array (see ``_runtime.launch``), and forward adds the bias
+and applies a ReLU in its epilogue when asked (:func:`conv_bias_relu_forward`), saving those
+ops' launches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
 
+from cnnfast import config
 from cnnfast.cuda import _runtime as rt
 from cnnfast.cuda import autotune
 from cnnfast.cuda._channel import channel_map, channel_sum
+from cnnfast.cuda._gemm import gemm_steps
 from cnnfast.shapes import output_size
 
 Ints = tuple[int, ...]
@@ -189,73 +195,24 @@ def _gy_phase_tables(geo, like):
 # --- kernels --------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _gemm_steps(tiles: rt.GemmTiles, dtype: np.dtype):
-    """The device functions the three GEMM kernels share, inlined at the Numba IR level (so the
-    register arrays they take stay in registers): ``clear(acc)``; ``multiply_slice`` (acc +=
-    one BK-deep slice of the staged tiles, through register fragments); ``stage_a_down``,
-    ``stage_a_across`` and ``stage_b_across`` (a thread's gathered elements into a tile, along
-    the reduction or along the tile's columns)."""
-    BK = tiles.block_k
-    RM, RN, TM, TN, NT = (tiles.micro_m, tiles.micro_n, tiles.threads_m, tiles.threads_n,
-                          tiles.threads)
-    A_LOADS, B_LOADS = tiles.block_m * BK // NT, tiles.block_n * BK // NT
-    zero = dtype.type(0)
-
-    @cuda.jit(device=True, inline="always")
-    def clear(acc):
-        for i in range(RM):
-            for j in range(RN):
-                acc[i, j] = zero
-
-    @cuda.jit(device=True, inline="always")
-    def multiply_slice(a_tile, b_tile, a_frag, b_frag, acc, tm, tn):
-        # This thread's rows tm + i * TM and columns tn + j * TN: conflict-free shared reads.
-        for kk in range(BK):
-            for i in range(RM):
-                a_frag[i] = a_tile[kk, tm + i * TM]
-            for j in range(RN):
-                b_frag[j] = b_tile[kk, tn + j * TN]
-            for i in range(RM):
-                for j in range(RN):
-                    acc[i, j] += a_frag[i] * b_frag[j]
-
-    @cuda.jit(device=True, inline="always")
-    def stage_a_down(tile, values, kk, step, col):
-        for li in range(A_LOADS):
-            tile[kk + li * step, col] = values[li]
-
-    @cuda.jit(device=True, inline="always")
-    def stage_a_across(tile, values, kk, col, step):
-        for li in range(A_LOADS):
-            tile[kk, col + li * step] = values[li]
-
-    @cuda.jit(device=True, inline="always")
-    def stage_b_across(tile, values, kk, col, step):
-        for li in range(B_LOADS):
-            tile[kk, col + li * step] = values[li]
-
-    return clear, multiply_slice, stage_a_down, stage_a_across, stage_b_across
-
-
-@functools.lru_cache(maxsize=None)
 def _forward_kernel(tiles: rt.GemmTiles, dtype: np.dtype, bias: bool = False,
                     relu: bool = False):
     BM, BN, BK = tiles.block_m, tiles.block_n, tiles.block_k
-    RM, RN, TM, TN, NT = (tiles.micro_m, tiles.micro_n, tiles.threads_m, tiles.threads_n,
-                          tiles.threads)
+    NT = tiles.threads
     A_LOADS, A_STEP = BM * BK // NT, NT // BM  # x elements per thread per slice, kk between
     B_LOADS, B_STEP = BN * BK // NT, NT // BK  # w elements per thread per slice, cols between
-    A_SHAPE, B_SHAPE = (BK, BM + 1), (BK, BN + 1)
     TAPS = _X_TAP_COLUMNS
     HAS_BIAS, RELU = bias, relu
     nbt = rt.nb_type(dtype)
     zero = dtype.type(0)
-    clear, multiply_slice, stage_a_down, stage_a_across, stage_b_across = _gemm_steps(tiles, dtype)
+    (A_SHAPE, B_SHAPE, ACC, A_FRAG, B_FRAG, clear, coords, row_of, col_of, multiply_slice,
+     stage_a_down, _, stage_b_across) = gemm_steps(tiles, dtype)
+    ACC_M, ACC_N = ACC
 
     @cuda.jit
     def conv_forward_kernel(x, w, b, taps, y, geo):
         # Each block computes a BM x BN tile of group g's y: BM output positions
-        # m = (n, od, oh, ow) by BN filters; each thread an RM x RN micro-tile of it, stored
+        # m = (n, od, oh, ow) by BN filters; each thread its accumulators (GemmSteps), stored
         # with the bias added (HAS_BIAS), then clamped at 0 (RELU): what bias_add and
         # relu_forward would compute, bit for bit, without their launches.
         (N, C, D, H, W, K, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW, G) = geo
@@ -269,16 +226,15 @@ def _forward_kernel(tiles: rt.GemmTiles, dtype: np.dtype, bias: bool = False,
         n0 = (cuda.blockIdx.y % tiles_n) * BN
         m0 = cuda.blockIdx.x * BM
         t = cuda.threadIdx.x
-        tm = t % TM
-        tn = t // TM
+        tm, tn = coords(t)
 
         a_tile = cuda.shared.array(A_SHAPE, nbt)
         b_tile = cuda.shared.array(B_SHAPE, nbt)
-        acc = cuda.local.array((RM, RN), nbt)
+        acc = cuda.local.array(ACC, nbt)
         a_next = cuda.local.array(A_LOADS, nbt)
         b_next = cuda.local.array(B_LOADS, nbt)
-        a_frag = cuda.local.array(RM, nbt)
-        b_frag = cuda.local.array(RN, nbt)
+        a_frag = cuda.local.array(A_FRAG, nbt)
+        b_frag = cuda.local.array(B_FRAG, nbt)
         clear(acc)
 
         # The output position this thread gathers x for: the same in every slice.
@@ -328,13 +284,13 @@ def _forward_kernel(tiles: rt.GemmTiles, dtype: np.dtype, bias: bool = False,
                 stage_b_across(b_tile, b_next, b_kk, b_col, B_STEP)
             cuda.syncthreads()
 
-        for i in range(RM):
-            m = m0 + tm + i * TM
+        for i in range(ACC_M):
+            m = m0 + row_of(tm, i)
             if m < rows:
                 n = m // osp
                 y_row = (n * K + g * kg) * osp + (m - n * osp)
-                for j in range(RN):
-                    k = n0 + tn + j * TN
+                for j in range(ACC_N):
+                    k = n0 + col_of(tn, j)
                     if k < kg:
                         v = acc[i, j]
                         if HAS_BIAS:
@@ -343,27 +299,28 @@ def _forward_kernel(tiles: rt.GemmTiles, dtype: np.dtype, bias: bool = False,
                             v = zero if v < zero else v
                         y[y_row + k * osp] = v
 
+    conv_forward_kernel.cnnfast_tiles = tiles  # for cnnfast doctor --compile
     return conv_forward_kernel
 
 
 @functools.lru_cache(maxsize=None)
 def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
     BM, BN, BK = tiles.block_m, tiles.block_n, tiles.block_k
-    RM, RN, TM, TN, NT = (tiles.micro_m, tiles.micro_n, tiles.threads_m, tiles.threads_n,
-                          tiles.threads)
+    NT = tiles.threads
     A_LOADS, A_STEP = BM * BK // NT, NT // BM
     B_LOADS, B_STEP = BN * BK // NT, NT // BK
-    A_SHAPE, B_SHAPE = (BK, BM + 1), (BK, BN + 1)
     TAPS, PHASES = _GY_TAP_COLUMNS, _GY_PHASE_COLUMNS
     nbt = rt.nb_type(dtype)
     zero = dtype.type(0)
-    clear, multiply_slice, stage_a_down, stage_a_across, stage_b_across = _gemm_steps(tiles, dtype)
+    (A_SHAPE, B_SHAPE, ACC, A_FRAG, B_FRAG, clear, coords, row_of, col_of, multiply_slice,
+     stage_a_down, _, stage_b_across) = gemm_steps(tiles, dtype)
+    ACC_M, ACC_N = ACC
 
     @cuda.jit
     def conv_backward_data_kernel(gy, w, phases, taps, gx, geo):
         # Each block computes a BM x BN tile of group g's gx for stride phase p = blockIdx.z:
         # BM input positions m = (n, i, j, l) of the phase (d = d0 + i*SD, h = h0 + j*SH,
-        # w = w0 + l*SW) by BN channels; each thread an RM x RN micro-tile of it, gathering gy
+        # w = w0 + l*SW) by BN channels; each thread its accumulators (GemmSteps), gathering gy
         # over the output positions whose window holds m (no atomics), through the phase's
         # taps alone (every one of them reaches m, so no stride-divisibility test).
         (N, C, D, H, W, K, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW, G) = geo
@@ -390,16 +347,15 @@ def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
         g = cuda.blockIdx.y // tiles_n
         n0 = (cuda.blockIdx.y % tiles_n) * BN
         t = cuda.threadIdx.x
-        tm = t % TM
-        tn = t // TM
+        tm, tn = coords(t)
 
         a_tile = cuda.shared.array(A_SHAPE, nbt)
         b_tile = cuda.shared.array(B_SHAPE, nbt)
-        acc = cuda.local.array((RM, RN), nbt)
+        acc = cuda.local.array(ACC, nbt)
         a_next = cuda.local.array(A_LOADS, nbt)
         b_next = cuda.local.array(B_LOADS, nbt)
-        a_frag = cuda.local.array(RM, nbt)
-        b_frag = cuda.local.array(RN, nbt)
+        a_frag = cuda.local.array(A_FRAG, nbt)
+        b_frag = cuda.local.array(B_FRAG, nbt)
         clear(acc)
 
         # The phase position (i, j, l) this thread gathers gy for: output od = i + tap offset.
@@ -447,8 +403,8 @@ def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
                 stage_b_across(b_tile, b_next, b_kk, b_col, B_STEP)
             cuda.syncthreads()
 
-        for i in range(RM):
-            m = m0 + tm + i * TM
+        for i in range(ACC_M):
+            m = m0 + row_of(tm, i)
             if m < rows:
                 n = m // psp
                 q = m - n * psp
@@ -456,33 +412,34 @@ def _backward_data_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
                 h = h0 + ((q // pwn) % phn) * SH
                 x_w = w0 + (q % pwn) * SW
                 gx_row = (n * C + g * cg) * sp + (d * H + h) * W + x_w
-                for j in range(RN):
-                    c = n0 + tn + j * TN
+                for j in range(ACC_N):
+                    c = n0 + col_of(tn, j)
                     if c < cg:
                         gx[gx_row + c * sp] = acc[i, j]
 
+    conv_backward_data_kernel.cnnfast_tiles = tiles  # for cnnfast doctor --compile
     return conv_backward_data_kernel
 
 
 @functools.lru_cache(maxsize=None)
 def _backward_weight_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
     BM, BN, BK = tiles.block_m, tiles.block_n, tiles.block_k
-    RM, RN, TM, TN, NT = (tiles.micro_m, tiles.micro_n, tiles.threads_m, tiles.threads_n,
-                          tiles.threads)
+    NT = tiles.threads
     LOAD_STEP = NT // BK  # tile rows (or cols) between one thread's loads
     A_LOADS, B_LOADS = BM * BK // NT, BN * BK // NT
-    A_SHAPE, B_SHAPE = (BK, BM + 1), (BK, BN + 1)
     TAPS = _X_TAP_COLUMNS
     nbt = rt.nb_type(dtype)
     zero = dtype.type(0)
-    clear, multiply_slice, stage_a_down, stage_a_across, stage_b_across = _gemm_steps(tiles, dtype)
+    (A_SHAPE, B_SHAPE, ACC, A_FRAG, B_FRAG, clear, coords, row_of, col_of, multiply_slice,
+     _, stage_a_across, stage_b_across) = gemm_steps(tiles, dtype)
+    ACC_M, ACC_N = ACC
 
     @cuda.jit
     def conv_backward_weight_kernel(gy, x, taps, part, geo, chunk):
         # Each block computes a BM x BN tile of group g's gw^T, BM reduction columns
         # r = (c, kd, kh, kw) by BN filters, summed over output positions
-        # [blockIdx.z * chunk, (blockIdx.z + 1) * chunk) only; each thread an RM x RN
-        # micro-tile. Split z writes its partial to part[z] (gw itself when there is one split).
+        # [blockIdx.z * chunk, (blockIdx.z + 1) * chunk) only; each thread its accumulators
+        # (GemmSteps). Split z writes its partial to part[z] (gw itself when there is one split).
         (N, C, D, H, W, K, KD, KH, KW, SD, SH, SW, PD, PH, PW, DD, DH, DW, OD, OH, OW, G) = geo
         cg = C // G
         kg = K // G
@@ -495,16 +452,15 @@ def _backward_weight_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
         m0 = cuda.blockIdx.x * BM
         z = cuda.blockIdx.z
         t = cuda.threadIdx.x
-        tm = t % TM
-        tn = t // TM
+        tm, tn = coords(t)
 
         a_tile = cuda.shared.array(A_SHAPE, nbt)
         b_tile = cuda.shared.array(B_SHAPE, nbt)
-        acc = cuda.local.array((RM, RN), nbt)
+        acc = cuda.local.array(ACC, nbt)
         a_next = cuda.local.array(A_LOADS, nbt)
         b_next = cuda.local.array(B_LOADS, nbt)
-        a_frag = cuda.local.array(RM, nbt)
-        b_frag = cuda.local.array(RN, nbt)
+        a_frag = cuda.local.array(A_FRAG, nbt)
+        b_frag = cuda.local.array(B_FRAG, nbt)
         clear(acc)
 
         # Both operands are loaded along the reduction (output positions), which is contiguous
@@ -553,14 +509,15 @@ def _backward_weight_kernel(tiles: rt.GemmTiles, dtype: np.dtype):
             cuda.syncthreads()
 
         part_base = z * K * red + g * kg * red
-        for j in range(RN):
-            k = n0 + tn + j * TN
+        for j in range(ACC_N):
+            k = n0 + col_of(tn, j)
             if k < kg:
-                for i in range(RM):
-                    r = m0 + tm + i * TM
+                for i in range(ACC_M):
+                    r = m0 + row_of(tm, i)
                     if r < red:
                         part[part_base + k * red + r] = acc[i, j]
 
+    conv_backward_weight_kernel.cnnfast_tiles = tiles  # for cnnfast doctor --compile
     return conv_backward_weight_kernel
 
 
@@ -581,6 +538,32 @@ def _sum_splits_kernel(dtype: np.dtype):
 
 
 # --- contract functions ---------------------------------------------------------------------
+
+# float32 matmul precision (cnnfast.set_float32_matmul_precision) -> tensor-core operands
+_TENSOR_CORE = {"high": "tf32", "medium": "bf16"}
+
+
+def mma_tiles(dtype) -> rt.MmaTiles | None:
+    """The tensor-core tiles a convolution of ``dtype`` runs with: for float32 under
+    ``set_float32_matmul_precision("high")`` (``"medium"``) the launch configuration's
+    :class:`~._runtime.MmaTiles` with TF32 (BF16) operands; None otherwise (the FP32 SIMT
+    kernels, with autotune's tiles). float64 never takes tensor cores."""
+    if np.dtype(dtype) != np.float32:
+        return None
+    mma = _TENSOR_CORE.get(config.get("matmul_precision"))
+    return None if mma is None else dataclasses.replace(rt.current_config().mma_tiles,
+                                                        precision=mma)
+
+
+def _run(pass_name: str, geo: Geometry, dtype, run) -> None:
+    """``run(tiles)`` with this call's tiles: the one place that picks a convolution's kernel
+    family (tensor cores by the matmul precision, else autotune's or the configured tiles)."""
+    tiles = mma_tiles(dtype)
+    if tiles is None:
+        autotune.run_tuned(pass_name, geo, dtype, run)
+    else:
+        run(tiles)
+
 
 def _out_shape(geo: Geometry, nd: int) -> tuple[int, ...]:
     return (geo.N, geo.K) + (geo.OD, geo.OH, geo.OW)[3 - nd:]
@@ -607,12 +590,12 @@ def conv_bias_relu_forward(x, w, b, relu: bool, stride: Ints, padding: Ints, dil
     args = (rt.flat(x), w_flat, w_flat if b is None else rt.flat(b), _x_taps(geo, like=x),
             y.reshape(-1), geo)
 
-    def run(tiles: rt.GemmTiles) -> None:
+    def run(tiles) -> None:
         grid = (rt.cdiv(y.size // geo.K, tiles.block_m), groups * rt.cdiv(kg, tiles.block_n))
         kernel = _forward_kernel(tiles, np.dtype(x.dtype), b is not None, bool(relu))
         rt.launch(kernel, grid, tiles.threads, *args)
 
-    autotune.run_tuned("forward", geo, x.dtype, run)
+    _run("forward", geo, x.dtype, run)
     return y
 
 
@@ -632,12 +615,12 @@ def conv_backward_data(gy, w, x_shape: Ints, stride: Ints, padding: Ints, dilati
     largest = rt.cdiv(geo.D, geo.SD) * rt.cdiv(geo.H, geo.SH) * rt.cdiv(geo.W, geo.SW)  # phase 0
     args = (rt.flat(gy), rt.flat(w), phases, taps, gx.reshape(-1), geo)
 
-    def run(tiles: rt.GemmTiles) -> None:
+    def run(tiles) -> None:
         grid = (rt.cdiv(geo.N * largest, tiles.block_m), groups * rt.cdiv(cg, tiles.block_n),
                 n_phases)
         rt.launch(_backward_data_kernel(tiles, np.dtype(gy.dtype)), grid, tiles.threads, *args)
 
-    autotune.run_tuned("backward_data", geo, gy.dtype, run)
+    _run("backward_data", geo, gy.dtype, run)
     return gx
 
 
@@ -663,7 +646,7 @@ def conv_backward_weight(gy, x, w_shape: Ints, stride: Ints, padding: Ints, dila
     red = gw.size // geo.K
     gy_flat, x_flat, taps = rt.flat(gy), rt.flat(x), _x_taps(geo, like=x)
 
-    def run(tiles: rt.GemmTiles) -> None:
+    def run(tiles) -> None:
         tile_blocks = rt.cdiv(red, tiles.block_m) * groups * rt.cdiv(kg, tiles.block_n)
         splits = _weight_splits(total, tile_blocks, tiles.block_k)
         chunk = rt.cdiv(rt.cdiv(total, splits), tiles.block_k) * tiles.block_k
@@ -678,7 +661,7 @@ def conv_backward_weight(gy, x, w_shape: Ints, stride: Ints, padding: Ints, dila
             rt.launch(_sum_splits_kernel(np.dtype(gy.dtype)), blocks, threads,
                       part, gw.reshape(-1), splits, gw.size)
 
-    autotune.run_tuned("backward_weight", geo, gy.dtype, run)
+    _run("backward_weight", geo, gy.dtype, run)
     return gw
 
 
