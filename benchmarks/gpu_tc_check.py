@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree
 import cnnfast  # noqa: E402
 import cnnfast.config  # noqa: E402
 from cnnfast.backend import to_numpy  # noqa: E402
-from cnnfast.bench import ConvShape, benchmark, conv_shapes  # noqa: E402
+from cnnfast.bench import ConvShape, benchmark, conv_shapes, relative_error  # noqa: E402
 from cnnfast.cuda import _mma, conv  # noqa: E402
 from cnnfast.cuda import _runtime as rt  # noqa: E402
 from cnnfast.reference import conv as ref_conv  # noqa: E402
@@ -187,8 +187,7 @@ def check(rng) -> list[dict]:
                         "shape": s.shape_id, "label": s.label(), "kernel": kernel,
                         "pass": pass_name, "reduction": reduction(s, pass_name),
                         "max_error_over_bound": float(np.max(err / np.maximum(bound, 1e-300))),
-                        "relative_l2_error": float(np.linalg.norm(got - want)
-                                                   / max(np.linalg.norm(want), 1e-300)),
+                        "relative_l2_error": relative_error(got, want, norm="l2"),
                         "ok": finite and bool((err <= bound).all())})
     return rows
 
