@@ -227,6 +227,24 @@ def wrapper(precision: str):
 
 # --- the warp-tiled slice multiply ---------------------------------------------------------------
 
+def _noop() -> None:
+    """The simulator's warp reconvergence: the emulation's barrier already gathers the lanes
+    (and Numba's simulator has no ``syncwarp``)."""
+
+
+def _converge():
+    """``cuda.syncwarp()`` as an inlined device function on a GPU, a no-op in the simulator."""
+    if cuda_simulated():
+        return _noop
+    from numba import cuda
+
+    @cuda.jit(device=True, inline="always")
+    def converge():
+        cuda.syncwarp()
+
+    return converge
+
+
 # Shared-memory row pitch (mod 32 banks) that makes a warp's fragment reads conflict-free: the 32
 # lanes read rows k0 + t (TF32) or k0 + 2t (BF16) at column base + g, so the pitch must spread
 # t * pitch + g (2t * pitch + g) over the 32 banks.
@@ -253,6 +271,8 @@ def warp_steps(tiles):
     ACC = (2 * MI, 2 * NI)
     A_FRAG, B_FRAG = (MI, shape.a), (NI, shape.b)
 
+    converge = _converge()
+
     @cuda.jit(device=True, inline="always")
     def coords(t):
         warp = t // WARP
@@ -276,6 +296,7 @@ def warp_steps(tiles):
             # base + g at k0 + t, k0 + t + 4 (the tables in fragment_layout).
             t = (v % 8) // 2
             bcol = v - 2 * t + u % 8
+            converge()  # the gathers before may have diverged: mma.sync.aligned needs all 32
             for ks in range(KSTEPS):
                 k0 = ks * 8 + t
                 for mi in range(MI):
@@ -304,6 +325,7 @@ def warp_steps(tiles):
             # base + g at the same k (the tables in fragment_layout).
             t = (v % 8) // 2
             bcol = v - 2 * t + u % 8
+            converge()
             for ks in range(KSTEPS):
                 k0 = ks * 16 + 2 * t
                 for mi in range(MI):
