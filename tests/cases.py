@@ -56,11 +56,11 @@ class PoolCase(NamedTuple):
 def randomize_batch_norm(model, seed: int = 0) -> None:
     """Give every batch norm of a cnnfast model random running statistics and affine weights, so
     that a comparison in evaluation mode really exercises them (fresh ones are the identity)."""
-    from cnnfast.nn.layers import _BatchNorm
+    from cnnfast.nn.layers import BatchNormBase
 
     rng = np.random.default_rng(seed)
     for m in model.modules():
-        if isinstance(m, _BatchNorm):
+        if isinstance(m, BatchNormBase):
             c = m.num_features
             m.running_mean.data[...] = rng.normal(0.0, 0.3, c)
             m.running_var.data[...] = rng.uniform(0.5, 2.0, c)

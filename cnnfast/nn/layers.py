@@ -338,7 +338,7 @@ class Dropout(Module):
         return F.dropout(x, self.p, self.training, self.rng)
 
 
-class _BatchNorm(Module):
+class BatchNormBase(Module):
     nd = 0
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
@@ -368,7 +368,7 @@ class _BatchNorm(Module):
 
     def fuses_relu(self) -> bool:
         """Whether :meth:`forward_relu` runs one fused op (batch norm's own forward)."""
-        return _runs_own_forward(self, _BatchNorm)
+        return _runs_own_forward(self, BatchNormBase)
 
     def forward_relu(self, x):
         """``relu(self(x))``, as one fused op when :meth:`fuses_relu`."""
@@ -389,19 +389,19 @@ class _BatchNorm(Module):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(BatchNormBase):
     """Batch norm over (N, H, W) per channel of (N, C, H, W)."""
 
     nd = 2
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(BatchNormBase):
     """Batch norm over (N, D, H, W) per channel of (N, C, D, H, W)."""
 
     nd = 3
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(BatchNormBase):
     """Batch norm per channel of (N, C) or (N, C, L)."""
 
     nd = 1

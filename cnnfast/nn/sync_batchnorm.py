@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from cnnfast import backend
-from cnnfast.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from cnnfast.nn.layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from cnnfast.nn.module import Module
 from cnnfast.tensor import Function, Tensor, as_tensor
 
@@ -145,7 +145,7 @@ def convert_sync_batchnorm(module: Module, group) -> Module:
     place (same parameters, buffers and state-dict names), bound to ``group``; returns
     ``module``. Already-converted layers are re-bound to ``group``."""
     for m in module.modules():
-        if isinstance(m, _BatchNorm):
+        if isinstance(m, BatchNormBase):
             if not isinstance(m, _SyncMixin):
                 # Same attributes and registries, only the class changes: state-dict names and
                 # checkpoints stay those of plain batch norm.
