@@ -259,10 +259,13 @@ def _gemm_forward(x5, w5, geo: _Geometry, y5) -> None:
     cols = scratch("cols", threads, geo.taps * ncols, x5.dtype)
     prod = scratch("prod", threads, geo.Kg * ncols, x5.dtype)
     maps, valid = geo.maps()
+    # Fewer chunks than threads (batch 1): each chunk's filters are cut into runs, one task a
+    # run (each task gathers its chunk again: cheap beside a product at these sizes).
+    splits = 1 if len(units) >= threads else min(geo.Kg, -(-threads // len(units)))
     with single_threaded_blas():
-        _gemm_forward_kernel(x5, w5.reshape(geo.K, geo.taps), y5, units, geo.groups, geo.ks,
-                             geo.pd, geo.dl, maps, valid, is_same(geo.size, geo.st, geo.out),
-                             cols, prod, *_choices(x5.dtype))
+        _gemm_forward_kernel(x5, w5.reshape(geo.K, geo.taps), y5, units, splits, geo.groups,
+                             geo.ks, geo.pd, geo.dl, maps, valid,
+                             is_same(geo.size, geo.st, geo.out), cols, prod, *_choices(x5.dtype))
 
 
 def _winograd_forward(x5, w5, geo: _Geometry, y5) -> None:
@@ -283,31 +286,34 @@ def _winograd_forward(x5, w5, geo: _Geometry, y5) -> None:
 
 
 @parallel_kernel
-def _gemm_forward_kernel(x, w2, y, units, groups, ks, pd, dl, maps, valid, same, cols_buf,
-                         prod_buf, own, flush):
-    """y (N, K, OD, OH, OW) chunk by chunk (one thread per chunk): gather, one product per
-    group into the thread's buffer, then copy each (sample, filter) run into y. ``own`` and
-    ``flush``: see :func:`_choices`."""
+def _gemm_forward_kernel(x, w2, y, units, splits, groups, ks, pd, dl, maps, valid, same,
+                         cols_buf, prod_buf, own, flush):
+    """y (N, K, OD, OH, OW) chunk by chunk (one thread per chunk and run of ``splits`` runs of
+    each group's filters): gather, one product per group into the thread's buffer, then copy
+    each (sample, filter) run into y. ``own`` and ``flush``: see :func:`_choices`."""
     N, C = x.shape[0], x.shape[1]
     K, taps = w2.shape
     OD, OH, OW = y.shape[2], y.shape[3], y.shape[4]
     Kg = K // groups
     Cg = C // groups
     y3 = y.reshape(N, K, OD * OH * OW)
-    for u in prange(units.shape[0]):
+    for task in prange(units.shape[0] * splits):
         state = enter_flush(flush)
         t = numba.get_thread_id()
+        u = task // splits
+        part = task - u * splits
+        k0, k1 = Kg * part // splits, Kg * (part + 1) // splits
         n0, nb, r0, nr = units[u, 0], units[u, 1], units[u, 2], units[u, 3]
         span = nr * OW
         ncols = nb * span
         cols = cols_buf[t, :taps * ncols]
-        prod = prod_buf[t, :Kg * ncols].reshape(Kg, ncols)
+        prod = prod_buf[t, :(k1 - k0) * ncols].reshape(k1 - k0, ncols)
         for g in range(groups):
             im2col(x, n0, nb, r0, nr, g * Cg, Cg, ks, pd, dl, OW, maps, valid, same, cols)
-            matmul(w2[g * Kg:(g + 1) * Kg], cols.reshape(taps, ncols), prod, own)
+            matmul(w2[g * Kg + k0:g * Kg + k1], cols.reshape(taps, ncols), prod, own)
             for b in range(nb):
-                for k in range(Kg):
-                    dst = y3[n0 + b, g * Kg + k, r0 * OW:(r0 + nr) * OW]
+                for k in range(k1 - k0):
+                    dst = y3[n0 + b, g * Kg + k0 + k, r0 * OW:(r0 + nr) * OW]
                     src = prod[k, b * span:(b + 1) * span]
                     for i in range(span):
                         dst[i] = src[i]
