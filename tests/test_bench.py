@@ -163,6 +163,9 @@ def test_report_json_has_machine_versions_options_and_figures(tmp_path, capsys):
     assert machine["cores"] >= 1
     assert {"OPENBLAS_CORETYPE", "OMP_WAIT_POLICY"} <= set(machine["thread_env"])
     assert all({"library", "architecture"} <= set(b) for b in machine["blas"])
+    ceiling = machine["ceiling"]
+    assert ceiling["fma_all"] > 0 and ceiling["fma_1"] > 0 and ceiling["blas_1"] > 0
+    assert "FMA ceiling (float32, measured)" in printed and "of ceil" in printed
     for key in ("python", "numpy", "numba", "torch", "cnnfast"):
         assert key in report["versions"]
     assert report["versions"]["cnnfast"] == cnnfast.__version__
@@ -171,6 +174,8 @@ def test_report_json_has_machine_versions_options_and_figures(tmp_path, capsys):
     assert len(conv) == 3
     for r in conv:
         assert r["status"] == "ok" and r["median_s"] > 0 and r["gflops"] > 0
+        assert math.isclose(r["ceiling_share"],
+                            r["gflops"] / (ceiling["fma_1"] * ceiling["threads"]))
         assert r["min_s"] <= r["median_s"] and r["iqr_s"] >= 0 and r["first_call_s"] > 0
         assert math.isclose(r["gflop"], 2 * 2 * 4 * 7 * 6 * 3 * 9 / 1e9)
     step = next(r for r in report["results"] if r["op"] == "step")

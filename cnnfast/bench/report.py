@@ -61,6 +61,17 @@ def busy_note(report: dict) -> str | None:
     return None
 
 
+def ceiling_lines(ceiling: dict | None) -> list[str]:
+    """The header line naming the machine's measured FMA ceiling (absent from older reports)."""
+    if not ceiling:
+        return []
+    return [f"FMA ceiling (float32, measured): {ceiling['fma_1']:.0f} GFLOP/s on 1 thread, "
+            f"{ceiling['fma_all']:.0f} on {ceiling['threads']} ({ceiling['target']}); sgemm on "
+            f"1 thread: BLAS {ceiling['blas_1']:.0f}, cnnfast {ceiling['own_1']:.0f}; "
+            f"'of ceil' = GFLOP/s over {ceiling['threads']} x the 1-thread ceiling "
+            f"({ceiling['fma_1'] * ceiling['threads']:.0f})"]
+
+
 def format_table(report: dict) -> str:
     rows = report["results"]
     m = report["machine"]
@@ -80,6 +91,7 @@ def format_table(report: dict) -> str:
                   for b in m.get("blas", [])[:1])
         + (f" (OPENBLAS_CORETYPE={m['thread_env']['OPENBLAS_CORETYPE']})"
            if m.get("thread_env", {}).get("OPENBLAS_CORETYPE") else ""),
+        *ceiling_lines(m.get("ceiling")),
         f"each path in {'its own worker process' if isolated else 'this one process'}; "
         "median of alternating repeats (warm-up excluded); 1st = first call incl. JIT compile "
         "(at the check batch); time/torch = t_path / t_torch (< 1: faster than PyTorch); "
@@ -93,8 +105,8 @@ def format_table(report: dict) -> str:
         most = REFERENCE_MAX_REPEATS - (1 if report["options"]["quick"] else 0)
         lines.append("reference: timed only on r18-28/tiny shapes and the SmallCNN step, at most "
                      f"{most} repeats (--reference-all: everywhere); always the oracle")
-    header = ("op", "shape", "path", "check", "1st", "median", "IQR", "GFLOP/s", "time/torch",
-              "cpu/torch")
+    header = ("op", "shape", "path", "check", "1st", "median", "IQR", "GFLOP/s", "of ceil",
+              "time/torch", "cpu/torch")
     table = []
     skipped: dict[tuple[str, str], int] = {}
     last_id = None
@@ -109,11 +121,12 @@ def format_table(report: dict) -> str:
         shape = f"{row['shape_id']} {row['shape']}" if first else ""
         if row["status"] in ("WRONG", "ERROR"):
             table.append((op, shape, row["path"], row["status"], _fmt_time(row["first_call_s"]),
-                          "", "", "", "", "", row["reason"] or ""))
+                          "", "", "", "", "", "", row["reason"] or ""))
             continue
         table.append((op, shape, row["path"], _status(row), _fmt_time(row["first_call_s"]),
                       _fmt_time(row.get("median_s")), _fmt_time(row.get("iqr_s")),
-                      _fmt(row.get("gflops"), ".1f"), _fmt(row.get("time_vs_torch"), ".2f"),
+                      _fmt(row.get("gflops"), ".1f"), _fmt(row.get("ceiling_share"), ".0%"),
+                      _fmt(row.get("time_vs_torch"), ".2f"),
                       _fmt(row.get("cpu_vs_torch"), ".2f"), None))
     if table:
         widths = [max(len(str(r[i])) for r in table + [header]) for i in range(len(header))]

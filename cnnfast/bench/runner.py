@@ -357,6 +357,7 @@ def run_benchmarks(options: Options, candidates: list[Candidate] | None = None) 
     machine["isolation"] = options.isolation
     machine["thread_env"] = {k: os.environ.get(k) for k in THREAD_ENV}
     machine["blas"] = blas_info()
+    machine["ceiling"] = ceiling_info(options.threads)
     t0 = time.perf_counter()
     runner.run()
     machine["threads"] = {k: v for t in runner.threads.values() for k, v in t.items()}
@@ -366,6 +367,7 @@ def run_benchmarks(options: Options, candidates: list[Candidate] | None = None) 
     with contextlib.suppress(OSError, AttributeError):
         machine["load_avg_end"] = os.getloadavg()
     machine["cpu_busy_end"] = cpu_busy(0.5)
+    add_ceiling_shares(runner.results, machine["ceiling"])
     return {
         "schema": SCHEMA,
         "created": started.isoformat(timespec="seconds"),
@@ -377,3 +379,39 @@ def run_benchmarks(options: Options, candidates: list[Candidate] | None = None) 
         "results": runner.results,
         "memory": runner.memory,
     }
+
+
+CPU_PATHS = ("reference", "cpu", "torch")
+
+
+def ceiling_info(threads: int) -> dict:
+    """This CPU's float32 FMA ceiling on one thread and on the run's threads, beside the sgemm
+    rates of BLAS and of cnnfast's microkernel (:func:`cnnfast.doctor.cpu_rates`), in GFLOP/s,
+    measured before the run."""
+    import numba
+
+    from cnnfast.doctor import cpu_rates
+
+    saved = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return cpu_rates(repeats=5)
+    finally:
+        numba.set_num_threads(saved)
+
+
+def ceiling_of_run(ceiling: dict) -> float | None:
+    """The ceiling a run's rows are measured against: the 1-thread FMA rate times the run's
+    threads (on a shared machine the all-thread measure reads what the other load leaves)."""
+    if not ceiling.get("fma_1"):
+        return None
+    return ceiling["fma_1"] * ceiling["threads"]
+
+
+def add_ceiling_shares(rows: list[dict], ceiling: dict) -> None:
+    """Each CPU row's GFLOP/s as a share of :func:`ceiling_of_run`."""
+    top = ceiling_of_run(ceiling)
+    for row in rows:
+        if top and row.get("gflops") and row.get("path") in CPU_PATHS:
+            row["ceiling_share"] = row["gflops"] / top
+
