@@ -4,8 +4,8 @@ Without flags it reports versions (Python, NumPy, Numba, numba-cuda, CuPy, the B
 uses), whether an NVIDIA driver and GPU are visible and which CUDA version the driver supports,
 the active CPU kernel path and its thread count, Numba's cache folder, the CPU's measured
 float32 FMA ceiling next to the sgemm rates of BLAS and of cnnfast's own microkernel
-(:func:`cpu_rates`), and one line of advice per problem found. It needs no GPU and starts no
-GPU work.
+(:func:`cnnfast.cpu.machine_rates`), and one line of advice per problem found. It needs no
+GPU and starts no GPU work.
 
 ``--compile`` builds every kernel variant the CUDA path can launch (:mod:`cnnfast.cuda._variants`)
 with the real compiler, no GPU needed: Numba -> NVVM -> PTX for each target architecture, then
@@ -193,7 +193,9 @@ def environment() -> tuple[list[tuple[str, str]], list[str]]:
         advice.append("the CPU path is 'reference' (NumPy, slow): unset CNNFAST_CPU_PATH or "
                       "call cnnfast.set_cpu_path('fast')")
 
-    rows.extend(cpu_rate_rows(cpu_rates()))
+    from cnnfast.cpu import machine_rates
+
+    rows.extend(cpu_rate_rows(machine_rates()))
 
     from numba.core import config as numba_config
 
@@ -205,51 +207,8 @@ def environment() -> tuple[list[tuple[str, str]], list[str]]:
     return rows, advice
 
 
-GEMM_SIZE = 768  # the sgemm rate is measured on (768 x 768) @ (768 x 768): 0.9 GFLOP
-
-
-def _best_seconds(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def cpu_rates(seconds: float = 0.1, repeats: int = 3) -> dict:
-    """This CPU's float32 rates in GFLOP/s, best of ``repeats``: the FMA ceiling (a loop of
-    independent vector FMAs, :func:`cnnfast.cpu._microkernel.fma_ceiling`) on one thread and on
-    all of Numba's threads, and a square sgemm by BLAS (one thread and all its threads) and by
-    cnnfast's microkernel (one thread). Also the vector target Numba compiles for."""
-    import numpy as np
-
-    from cnnfast.cpu import _microkernel, _parallel
-
-    threads = _parallel.num_threads()
-    n = GEMM_SIZE
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n)).astype(np.float32)
-    b = rng.standard_normal((n, n)).astype(np.float32)
-    c = np.empty((n, n), dtype=np.float32)
-    flops = 2.0 * n ** 3
-    out = {"threads": threads, "target": _microkernel.target_name(),
-           "avx512": _microkernel.has_avx512(), "tile": [_microkernel.MR, _microkernel.NR],
-           "fma_1": _microkernel.fma_ceiling(1, seconds, repeats),
-           "fma_all": _microkernel.fma_ceiling(threads, seconds, repeats)}
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(1, user_api="blas"):
-        out["blas_1"] = flops / _best_seconds(lambda: np.dot(a, b, c), repeats) / 1e9
-    out["blas_all"] = flops / _best_seconds(lambda: np.dot(a, b, c), repeats) / 1e9
-    out["own_1"] = flops / _best_seconds(lambda: _microkernel.gemm(a, b, c, False),
-                                         repeats) / 1e9
-    return out
-
-
 def cpu_rate_rows(rates: dict) -> list[tuple[str, str]]:
-    """The doctor's rows for :func:`cpu_rates`."""
+    """The doctor's rows for :func:`cnnfast.cpu.machine_rates`."""
     one, every = rates["fma_1"], rates["fma_all"]
     vector = "AVX-512" if rates["avx512"] else "no AVX-512"
     return [

@@ -386,16 +386,16 @@ CPU_PATHS = ("reference", "cpu", "torch")
 
 def ceiling_info(threads: int) -> dict:
     """This CPU's float32 FMA ceiling on one thread and on the run's threads, beside the sgemm
-    rates of BLAS and of cnnfast's microkernel (:func:`cnnfast.doctor.cpu_rates`), in GFLOP/s,
-    measured before the run."""
+    rates of BLAS and of cnnfast's microkernel (:func:`cnnfast.cpu.machine_rates`), in
+    GFLOP/s, measured before the run."""
     import numba
 
-    from cnnfast.doctor import cpu_rates
+    from cnnfast.cpu import machine_rates
 
     saved = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        return cpu_rates(repeats=5)
+        return machine_rates(repeats=5)
     finally:
         numba.set_num_threads(saved)
 
