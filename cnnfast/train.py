@@ -260,108 +260,172 @@ def fit(model: nn.Module, dataset: MedicalDataset, config: TrainConfig | None = 
     model and the state file keep the last good weights.
     """
     config = config or TrainConfig()
-    device = config.device
-    check_device(device)
+    check_device(config.device)
     if save_every is not None and (not isinstance(save_every, int) or save_every < 1):
         raise ValueError(f"save_every must be a positive int or None, got {save_every!r}")
+    run = _prepare_run(model, dataset, config, state_path, parallel, resume)
+    if parallel is not None and not parallel.is_main:  # rank 0 alone shows, logs and writes
+        progress, log, checkpoint_path = False, None, None
+    start = time.perf_counter()
+    bar = _Progress(config.epochs * len(run.loader), run.done_batches(), progress, log)
+    try:
+        for epoch in range(run.epochs_done + 1, config.epochs + 1):
+            lr = run.optimizer.param_groups[0]["lr"]
+            epoch_start = time.perf_counter()
+            _train_epoch(run, epoch, bar, save_every)
+            if run.schedule is not None:
+                run.schedule.step()
+            record, metrics = _validate(run, epoch, lr, epoch_start)
+            improved = _keep_best(run, epoch, metrics, checkpoint_path)
+            run.save(epochs_done=epoch)
+            bar.end_epoch(record, epoch_line(epoch, config.epochs, lr, record, improved))
+    finally:
+        bar.close()
+    model.load_state_dict(run.result.best_state)
+    run.result.seconds = time.perf_counter() - start
+    return run.result
+
+
+# --- the pieces of a fit run (each tested on its own in tests/test_train_parts.py) ------------
+
+def _prepare_run(model: nn.Module, dataset: MedicalDataset, config: TrainConfig,
+                 state_path: str | Path | None, parallel, resume: TrainingState | None):
+    """Seed, move the model, build the loader, loss, optimizer and schedule; continue from
+    ``resume``; set up data parallelism. Returns the run's :class:`_RunState`."""
     cnnfast.manual_seed(config.seed)  # dropout masks and anything else drawn globally
-    model.to(device)
-    task = dataset.task
+    model.to(config.device)
     flips = RandomFlip(axes=config.flip_axes) if config.flip_axes else None
     loader = DataLoader(dataset.train, config.batch_size, shuffle=True, seed=config.seed,
                         normalization=dataset.normalization, transform=flips)
-    loss_fn = loss_for(task)
+    loss_fn = loss_for(dataset.task)
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config)
-    result = FitResult()
-    run = _RunState(model, dataset, config, optimizer, schedule, loader, result, state_path,
+    run = _RunState(model, dataset, config, optimizer, schedule, loader, FitResult(), state_path,
                     parallel)
+    run.loss_fn = loss_fn
     if resume is not None:
         run.restore(resume)  # before the set-up below, which broadcasts rank 0's state anyway
     if parallel is not None:
         _setup_parallel(parallel, model, optimizer, loader, config)
-        progress, log = progress and parallel.is_main, log if parallel.is_main else None
-        if not parallel.is_main:
-            checkpoint_path = None
-    start = time.perf_counter()
+    return run
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.epochs * len(loader), disable=not progress, unit="batch",
-               dynamic_ncols=True, leave=False, initial=run.done_batches())
-    try:
-        for epoch in range(run.epochs_done + 1, config.epochs + 1):
-            model.train()
-            epoch_start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            order, first = run.take_epoch_position()
-            if order is None:
-                order = loader.epoch_order()
-            bar.set_description(f"epoch {epoch}/{config.epochs}")
-            for i in range(first, len(loader)):
-                x, y = loader.batch(order, i)
-                if parallel is not None:  # this rank's share of the global batch
-                    x, y, share = parallel.shard_batch(x, y)
-                buffers = run.copy_buffers()
-                logits = model(cnnfast.tensor(x, device=device))
-                loss = loss_fn(logits, _targets(y, task, device))
-                value = loss.item()
-                if not math.isfinite(value):
-                    run.put_buffers(buffers)  # undo the batch-norm statistics of this batch
-                    raise FloatingPointError(run.diverged_message(value, epoch, i))
-                optimizer.zero_grad()
-                if parallel is None:
-                    loss.backward()
-                else:
-                    parallel.backward(loss, share)
-                optimizer.step()
-                run.loss_sum += value * len(x)
-                run.seen += len(x)
-                run.global_step += 1
-                if save_every and run.global_step % save_every == 0 and i + 1 < len(loader):
-                    run.save(epochs_done=epoch - 1, order=order, batches_done=i + 1)
-                bar.update(1)
-                postfix = {"loss": f"{run.loss_sum / run.seen:.4f}"}
-                if result.history:
-                    postfix["val_auc"] = f"{result.history[-1].val_auc:.4f}"
-                bar.set_postfix(postfix, refresh=False)
-            if schedule is not None:
-                schedule.step()
-            if parallel is not None:  # the epoch's loss over all ranks' samples
-                run.loss_sum, run.seen = parallel.sum(run.loss_sum, run.seen)
-            logits = predict_logits(model, dataset.val.images, dataset.normalization,
-                                    config.eval_batch_size, device, parallel)
-            metrics = evaluate_scores(dataset.val.labels, scores_from_logits(logits, task), task,
-                                      dataset.label_names)
-            record = EpochRecord(epoch, run.loss_sum / max(run.seen, 1),
-                                 numpy_loss(logits, dataset.val.labels, task), metrics.auc,
-                                 metrics.acc, lr, time.perf_counter() - epoch_start)
-            run.loss_sum, run.seen = 0.0, 0
-            result.history.append(record)
-            bar.set_postfix({"loss": f"{record.train_loss:.4f}",
-                             "val_auc": f"{record.val_auc:.4f}"})
-            improved = metrics.auc > result.best_val_auc or result.best_state is None
-            if improved:
-                result.best_epoch, result.best_val_auc = epoch, metrics.auc
-                result.best_state = model.state_dict()
-                if checkpoint_path is not None:
-                    result.checkpoint = save_checkpoint(checkpoint_path, result.best_state,
-                                                        checkpoint_meta(
-                        model, dataset, config, epoch=epoch,
-                        metrics={"val": metrics.to_dict()},
-                        history=result.history_dicts()))
-            run.save(epochs_done=epoch)
-            if log is not None:
-                with tqdm.external_write_mode():
-                    log(f"epoch {epoch:3d}/{config.epochs}  lr {lr:.2e}  train loss "
-                        f"{record.train_loss:.4f}  val loss {record.val_loss:.4f}  val AUROC "
-                        f"{record.val_auc:.4f}  val acc {record.val_acc:.4f}"
-                        + ("  *best*" if improved else ""))
-    finally:
-        bar.close()
-    model.load_state_dict(result.best_state)
-    result.seconds = time.perf_counter() - start
-    return result
+def _train_epoch(run, epoch: int, bar, save_every: int | None) -> None:
+    """One pass over the training split (from where a resumed epoch stopped): a step per batch,
+    the training state saved every ``save_every`` steps, the running loss summed over ranks."""
+    run.model.train()
+    loader = run.loader
+    order, first = run.take_epoch_position()
+    if order is None:
+        order = loader.epoch_order()
+    bar.start_epoch(epoch, run.config.epochs)
+    for i in range(first, len(loader)):
+        value, n = _train_step(run, *loader.batch(order, i), epoch, i)
+        run.loss_sum += value * n
+        run.seen += n
+        run.global_step += 1
+        if save_every and run.global_step % save_every == 0 and i + 1 < len(loader):
+            run.save(epochs_done=epoch - 1, order=order, batches_done=i + 1)
+        bar.step(run.loss_sum / run.seen, run.result.history)
+    if run.parallel is not None:  # the epoch's loss over all ranks' samples
+        run.loss_sum, run.seen = run.parallel.sum(run.loss_sum, run.seen)
+
+
+def _train_step(run, x: np.ndarray, y: np.ndarray, epoch: int, i: int) -> tuple[float, int]:
+    """Forward, loss, backward and optimizer step on batch ``i`` (data-parallel: this rank's
+    share of it); returns (loss, samples). A non-finite loss raises ``FloatingPointError`` before
+    the step is taken, with the batch-norm statistics of this batch undone."""
+    parallel, device = run.parallel, run.config.device
+    if parallel is not None:  # this rank's share of the global batch
+        x, y, share = parallel.shard_batch(x, y)
+    buffers = run.copy_buffers()
+    logits = run.model(cnnfast.tensor(x, device=device))
+    loss = run.loss_fn(logits, _targets(y, run.dataset.task, device))
+    value = loss.item()
+    if not math.isfinite(value):
+        run.put_buffers(buffers)
+        raise FloatingPointError(run.diverged_message(value, epoch, i))
+    run.optimizer.zero_grad()
+    if parallel is None:
+        loss.backward()
+    else:
+        parallel.backward(loss, share)
+    run.optimizer.step()
+    return value, len(x)
+
+
+def _validate(run, epoch: int, lr: float, epoch_start: float):
+    """Score the validation split (sharded over the ranks) and append the epoch's record to the
+    history; returns (record, validation metrics). Resets the running training loss."""
+    model, dataset, config = run.model, run.dataset, run.config
+    task = dataset.task
+    logits = predict_logits(model, dataset.val.images, dataset.normalization,
+                            config.eval_batch_size, config.device, run.parallel)
+    metrics = evaluate_scores(dataset.val.labels, scores_from_logits(logits, task), task,
+                              dataset.label_names)
+    record = EpochRecord(epoch, run.loss_sum / max(run.seen, 1),
+                         numpy_loss(logits, dataset.val.labels, task), metrics.auc, metrics.acc,
+                         lr, time.perf_counter() - epoch_start)
+    run.loss_sum, run.seen = 0.0, 0
+    run.result.history.append(record)
+    return record, metrics
+
+
+def _keep_best(run, epoch: int, metrics, checkpoint_path: str | Path | None) -> bool:
+    """Keep the weights when the validation AUROC improved (the first epoch always does), and
+    write them to ``checkpoint_path`` when given; returns whether they improved."""
+    result = run.result
+    improved = metrics.auc > result.best_val_auc or result.best_state is None
+    if improved:
+        result.best_epoch, result.best_val_auc = epoch, metrics.auc
+        result.best_state = run.model.state_dict()
+        if checkpoint_path is not None:
+            meta = checkpoint_meta(run.model, run.dataset, run.config, epoch=epoch,
+                                   metrics={"val": metrics.to_dict()},
+                                   history=result.history_dicts())
+            result.checkpoint = save_checkpoint(checkpoint_path, result.best_state, meta)
+    return improved
+
+
+def epoch_line(epoch: int, epochs: int, lr: float, record: EpochRecord, improved: bool) -> str:
+    """The log line of one epoch."""
+    return (f"epoch {epoch:3d}/{epochs}  lr {lr:.2e}  train loss {record.train_loss:.4f}  "
+            f"val loss {record.val_loss:.4f}  val AUROC {record.val_auc:.4f}  val acc "
+            f"{record.val_acc:.4f}" + ("  *best*" if improved else ""))
+
+
+class _Progress:
+    """The progress bar of a fit run (tqdm: epoch, running loss, last validation AUROC) and its
+    log, which receives :func:`epoch_line` after every epoch (``log=None``: no lines)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool,
+                 log: Callable[[str], None] | None):
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.bar = tqdm(total=total, disable=not enabled, unit="batch", dynamic_ncols=True,
+                        leave=False, initial=initial)
+        self.log = log
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        self.bar.set_description(f"epoch {epoch}/{epochs}")
+
+    def step(self, train_loss: float, history: list) -> None:
+        self.bar.update(1)
+        postfix = {"loss": f"{train_loss:.4f}"}
+        if history:
+            postfix["val_auc"] = f"{history[-1].val_auc:.4f}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def end_epoch(self, record: EpochRecord, line: str) -> None:
+        self.bar.set_postfix({"loss": f"{record.train_loss:.4f}",
+                              "val_auc": f"{record.val_auc:.4f}"})
+        if self.log is not None:
+            with self._tqdm.external_write_mode():
+                self.log(line)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class _RunState:
@@ -371,7 +435,8 @@ class _RunState:
 
     def __init__(self, model, dataset, config, optimizer, schedule, loader, result,
                  path: str | Path | None, parallel=None) -> None:
-        self.model, self.config, self.optimizer = model, config, optimizer
+        self.model, self.dataset, self.config, self.optimizer = model, dataset, config, optimizer
+        self.loss_fn = None  # set by _prepare_run
         self.schedule, self.loader, self.result = schedule, loader, result  # single-process
         self.path = Path(path) if path is not None else None
         self.parallel = parallel
