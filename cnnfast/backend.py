@@ -46,7 +46,8 @@ def require_cuda() -> None:
     if not cuda_available():
         raise RuntimeError(
             "device 'cuda' is not available: no GPU was found through CuPy. Install the CUDA "
-            "extra on a machine with an NVIDIA GPU (pip install 'cnnfast[cuda]'), or set "
+            "extra for the driver's CUDA version on a machine with an NVIDIA GPU (pip install "
+            "'cnnfast[cuda12]' or 'cnnfast[cuda13]'; cnnfast doctor says which), or set "
             "NUMBA_ENABLE_CUDASIM=1 before importing cnnfast to run the CUDA kernels in Numba's "
             "simulator (slow; for testing only)."
         )

@@ -178,16 +178,6 @@ def channels_first(images: np.ndarray, spatial_dims: int | None = None, what: st
                     f"shape {images.shape}")
 
 
-def infer_task(labels: Sequence[np.ndarray]) -> str:
-    """Guess a task from label arrays ``(N, L)``: several columns -> multi-label, else binary when
-    the values are 0/1 and multi-class otherwise."""
-    first = labels[0]
-    if first.shape[1] > 1:
-        return MULTILABEL
-    top = max(int(lab.max()) if lab.size else 0 for lab in labels)
-    return BINARY if top <= 1 else MULTICLASS
-
-
 def check_labels(labels: np.ndarray, task: str, n_outputs: int, what: str = "labels"
                  ) -> np.ndarray:
     """Validate and return labels as ``(N, L)`` int64 for ``task`` with ``n_outputs`` classes or

@@ -141,6 +141,3 @@ def test_dispatch_reexports_the_backend_helpers():
     for name in ("is_cupy_array", "array_xp", "to_device", "gpu_present", "cuda_available",
                  "cuda_simulated", "device_xp", "require_cuda"):
         assert getattr(dispatch, name) is getattr(backend, name)
-    from cnnfast.cuda import _runtime
-
-    assert _runtime.xp_of is backend.array_xp

@@ -86,11 +86,6 @@ def scratch(role: str, threads: int, size: int, dtype) -> np.ndarray:
     return buf[:threads * size].reshape(threads, size)
 
 
-def release_scratch() -> None:
-    """Drop this thread's scratch buffers (they are rebuilt on demand)."""
-    _local.buffers = {}
-
-
 # --- BLAS threads ---------------------------------------------------------------------------------
 
 _blas_controllers: list | None = None

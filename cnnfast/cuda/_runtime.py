@@ -171,30 +171,27 @@ def launch_config(tiles: GemmTiles | None = None, threads: int | None = None,
 
 # --- arrays ---------------------------------------------------------------------------------
 
-xp_of = array_xp  # NumPy, or CuPy for a CuPy array (one definition, in cnnfast.backend)
-
-
 def flat(a):
     """A C-contiguous 1-D view (or copy) of ``a``; kernels index flat with int64 offsets."""
-    return xp_of(a).ascontiguousarray(a).reshape(-1)
+    return array_xp(a).ascontiguousarray(a).reshape(-1)
 
 
 def empty(shape, dtype, like):
     """An uninitialised array on the device of ``like``."""
-    return xp_of(like).empty(shape, dtype=dtype)
+    return array_xp(like).empty(shape, dtype=dtype)
 
 
 def zeros(shape, dtype, like):
-    return xp_of(like).zeros(shape, dtype=dtype)
+    return array_xp(like).zeros(shape, dtype=dtype)
 
 
 def full(shape, value, dtype, like):
-    return xp_of(like).full(shape, value, dtype=dtype)
+    return array_xp(like).full(shape, value, dtype=dtype)
 
 
 def to_device_like(host: np.ndarray, like):
     """A host array copied to the device of ``like`` (small tables only)."""
-    return xp_of(like).asarray(host)
+    return array_xp(like).asarray(host)
 
 
 # --- launches -------------------------------------------------------------------------------
