@@ -1,4 +1,6 @@
-"""Helpers every test uses: ``assert_close`` with a readable summary, and float64 gradient checks.
+"""Helpers every test uses: ``assert_close`` with a readable summary, float64 gradient checks,
+and the one comparison with PyTorch (``compare_with_torch``, after tinygrad's ``helper_test_op``;
+``torch_results`` is its PyTorch half, for tests that run cnnfast's side themselves).
 
 ``numerical_gradient`` and ``gradient_check`` work on plain array functions (to check a kernel's
 backward) and on ``Tensor`` functions (to check autograd), always in float64 central differences.
@@ -134,3 +136,48 @@ def gradient_check(f: Callable, inputs: Sequence, analytic: Callable | None = No
         if got[i] is None:
             raise AssertionError(f"input {i}: analytic gradient is missing")
         assert_close(got[i], expected[i], rtol=rtol, atol=atol, name=f"gradient of input {i}")
+
+
+# --- comparing with PyTorch (tinygrad's helper_test_op) ----------------------------------------
+
+def torch_results(theirs: Callable, arrays: Sequence[np.ndarray], gy: np.ndarray | None = None,
+                  grad: bool = True) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """PyTorch's side of a comparison: ``theirs(*tensors)`` on tensors made from ``arrays``.
+
+    Returns (outputs, input gradients) as NumPy arrays; the gradients (when ``grad``) are those
+    of the first output for the upstream gradient ``gy``, ``None`` for an input that got none.
+    """
+    import torch
+
+    tensors = [torch.tensor(a, requires_grad=grad and a.dtype.kind == "f") for a in arrays]
+    outs = theirs(*tensors)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads: list[np.ndarray | None] = []
+    if grad:
+        outs[0].backward(torch.tensor(gy))
+        grads = [None if t.grad is None else t.grad.numpy() for t in tensors]
+    return [o.detach().numpy() for o in outs], grads
+
+
+def compare_with_torch(ours: Callable, theirs: Callable, arrays: Sequence[np.ndarray],
+                       device: str = "cpu", dtype=np.float32, grad: bool = True, seed: int = 7,
+                       rtol: float | None = None, atol: float | None = None) -> None:
+    """``ours`` on cnnfast tensors (on ``device``) and ``theirs`` on PyTorch tensors made from
+    the same ``arrays`` (cast to ``dtype``; None: as given): the output (shape and values) and,
+    when ``grad``, every input's gradient for one seeded random upstream gradient must agree
+    (:func:`assert_close`, ``rtol``/``atol``)."""
+    import cnnfast
+
+    if dtype is not None:
+        arrays = [a.astype(dtype) for a in arrays]
+    xs = [cnnfast.tensor(a, requires_grad=grad, device=device) for a in arrays]
+    y = ours(*xs)
+    assert y.device == device, f"output on {y.device}, expected {device}"
+    gy = np.random.default_rng(seed).standard_normal(y.shape).astype(y.dtype)
+    (want, *_), want_grads = torch_results(theirs, arrays, gy, grad)
+    assert y.shape == want.shape, f"output shape {y.shape}, expected {want.shape}"
+    assert_close(y, want, rtol, atol, name="forward")
+    if grad:
+        y.backward(cnnfast.tensor(gy, device=device))
+        for i, (x, w) in enumerate(zip(xs, want_grads)):
+            assert_close(x.grad, w, rtol, atol, name=f"gradient of input {i}")

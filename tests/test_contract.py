@@ -24,7 +24,7 @@ import pytest
 from cases import ConvCase, PoolCase, make_array
 
 from cnnfast import backend, dispatch
-from cnnfast.testing import assert_close, to_numpy
+from cnnfast.testing import assert_close, to_numpy, torch_results
 
 PATHS = dispatch.KERNEL_PATHS
 ON_GPU = backend.gpu_present() and not backend.cuda_simulated()
@@ -75,19 +75,12 @@ def check_op(path, ours, theirs, arrays, torch, tol: dict, grad: bool = True) ->
     kernels = dispatch.kernels_of(path)
     outs, vjp = ours(kernels, *(backend.to_device(a, device) for a in arrays))
     outs = outs if isinstance(outs, tuple) else (outs,)
-    tensors = [torch.tensor(a, requires_grad=grad) for a in arrays]
-    touts = theirs(*tensors)
-    touts = touts if isinstance(touts, tuple) else (touts,)
-    assert len(outs) == len(touts)
-
     gy = np.random.default_rng(99).standard_normal(outs[0].shape).astype(arrays[0].dtype)
-    grads = ()
-    if grad:
-        grads = vjp(backend.to_device(gy, device))
-        touts[0].backward(torch.tensor(gy))
+    want, want_grads = torch_results(theirs, arrays, gy, grad)
+    assert len(outs) == len(want)
+    grads = vjp(backend.to_device(gy, device)) if grad else ()
     got = list(outs) + [g for g in grads if g is not None]
-    want = [t.detach().numpy() for t in touts]
-    want += [t.grad.numpy() for t, g in zip(tensors, grads) if g is not None]
+    want += [w for w, g in zip(want_grads, grads) if g is not None]
     names = [f"output {i}" for i in range(len(outs))]
     names += [f"gradient of input {i}" for i, g in enumerate(grads) if g is not None]
 

@@ -12,7 +12,7 @@ import pytest
 
 import cnnfast
 from cnnfast import functional as F
-from cnnfast.testing import assert_close, gradient_check
+from cnnfast.testing import assert_close, compare_with_torch, gradient_check
 
 
 def _torch():
@@ -23,24 +23,6 @@ def _distinct(rng, shape, dtype=np.float32):
     """Values without ties (so max pooling has one winner per window)."""
     n = int(np.prod(shape))
     return (rng.permutation(n).reshape(shape) / n - 0.5).astype(dtype)
-
-
-def compare_with_torch(ours, theirs, arrays, device, dtype=np.float32, grad=True, **tol):
-    """Run ``ours`` on cnnfast tensors and ``theirs`` on torch tensors made from the same arrays;
-    compare the outputs and, when ``grad``, every input's gradient for a random upstream grad."""
-    t = _torch()
-    arrays = [a.astype(dtype) for a in arrays]
-    xs = [cnnfast.tensor(a, requires_grad=grad, device=device) for a in arrays]
-    ts = [t.tensor(a, requires_grad=grad) for a in arrays]
-    y, ty = ours(*xs), theirs(*ts)
-    assert y.device == device
-    assert_close(y, ty.detach().numpy(), name="forward", **tol)
-    if grad:
-        gy = np.random.default_rng(7).standard_normal(y.shape).astype(dtype)
-        y.backward(cnnfast.tensor(gy, device=device))
-        ty.backward(t.tensor(gy))
-        for i, (x, tx) in enumerate(zip(xs, ts)):
-            assert_close(x.grad, tx.grad.numpy(), name=f"gradient of input {i}", **tol)
 
 
 CONV2D_CASES = [  # every argument away from its default at least once (kernel grids: contract)

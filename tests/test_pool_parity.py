@@ -11,7 +11,7 @@ import pytest
 import cnnfast
 from cnnfast import functional as F
 from cnnfast import nn
-from cnnfast.testing import assert_close, gradient_check
+from cnnfast.testing import assert_close, compare_with_torch, gradient_check
 
 
 def _torch():
@@ -24,19 +24,10 @@ def _distinct(rng, shape, dtype=np.float32):
     return (rng.permutation(n).reshape(shape) / n - 0.5).astype(dtype)
 
 
-def _compare(ours, theirs, x, device, dtype=np.float32):
+def _compare(ours, theirs, x, device):
     """Forward and input gradient (random upstream gradient) of ``ours`` vs ``theirs``."""
-    t = _torch()
-    x = x.astype(dtype)
-    xt = cnnfast.tensor(x, requires_grad=True, device=device)
-    tt = t.tensor(x, requires_grad=True)
-    y, ty = ours(xt), theirs(tt)
-    assert y.shape == tuple(ty.shape), (y.shape, tuple(ty.shape))
-    assert_close(y, ty.detach().numpy(), name="forward")
-    gy = np.random.default_rng(7).standard_normal(y.shape).astype(dtype)
-    y.backward(cnnfast.tensor(gy, device=device))
-    ty.backward(t.tensor(gy))
-    assert_close(xt.grad, tt.grad.numpy(), name="gradient")
+    _torch()
+    compare_with_torch(ours, theirs, [x], device)
 
 
 MAX_CASES = [  # (input spatial shape, kernel, stride, padding, dilation, ceil_mode)
