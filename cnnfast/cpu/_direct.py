@@ -12,7 +12,7 @@ start: for every tap, the row of the implicit column matrix is a contiguous run 
 
 - forward: ``y_ext[k, j] = sum_p w[k, p] * xqf[base + offs[p] + j]`` is a GEMM whose B rows are
   read in place (:func:`_microkernel.microkernel_b_rows`), A = the filters packed in MR-row
-  panels once per call; the kept columns of y_ext are copied into y;
+  panels once per call (:func:`_microkernel.pack_a`); the kept columns of y_ext are copied into y;
 - backward-weight: ``gw^T[p, k] = sum_(n, od, j) xqf[base + offs[p] + j] * gy_ext[k, j]`` is a
   GEMM whose A rows are read in place (:func:`_microkernel.microkernel_a_rows`) and B = gy with
   zeros at the thrown-away columns, packed per slice; one partial sum per thread, added in
@@ -42,6 +42,7 @@ from cnnfast.cpu._microkernel import (
     leave_flush,
     microkernel_a_rows,
     microkernel_b_rows,
+    pack_a,
 )
 
 Ints = tuple[int, ...]
@@ -110,15 +111,6 @@ def tap_offsets(C: int, ks: Ints, dl: Ints, st: Ints, size_q: Ints, rows: int) -
     return out
 
 
-def pack_filters(w2: np.ndarray) -> np.ndarray:
-    """w (K, taps) as MR-row panels, panel-major: a[(q * taps + p) * MR + r] = w[q*MR + r, p]."""
-    K, taps = w2.shape
-    Kp = -(-K // MR) * MR
-    padded_w = np.zeros((Kp, taps), dtype=np.float32)
-    padded_w[:K] = w2
-    return np.ascontiguousarray(padded_w.reshape(Kp // MR, MR, taps).transpose(0, 2, 1)).ravel()
-
-
 def forward_tasks(N: int, OD: int, col_tiles: int, panels: int, threads: int) -> np.ndarray:
     """Tasks (n, od, t0, t1, q0, q1): column tiles t0..t1 and filter panels q0..q1 of one
     slice. Slices are cut into runs of column tiles, then of panels, until there are at least
@@ -155,7 +147,7 @@ def forward(x5, w5, st: Ints, pd: Ints, dl: Ints, threads: int, flush: bool, y5)
     widest = int(((tasks[:, 3] - tasks[:, 2]) * (tasks[:, 5] - tasks[:, 4])).max())
     buf = np.empty((threads, widest * MR * NR), dtype=np.float32)
     phases = st[0] * st[1] * st[2]
-    _forward_kernel(phase_input(x5, pd, st), pack_filters(w5.reshape(K, taps)),
+    _forward_kernel(phase_input(x5, pd, st), pack_a(w5.reshape(K, taps)),
                     tap_offsets(C, ks, dl, st, size_q, taps), tasks, C * phases, size_q, y5,
                     buf, flush)
 

@@ -237,19 +237,21 @@ def microkernel_a_rows(typingctx, kc, a, aoff, rows, roff, b, boff, c, coff, ldc
 # --- packing and the blocked product --------------------------------------------------------------
 
 @njit(nogil=True, cache=True)
-def _pack_a(a, i0, mc, p0, kc, buf):
-    """a[i0:i0+mc, p0:p0+kc] into MR-high panels: buf[(panel * kc + p) * MR + r], zero rows
-    past the edge."""
-    panels = -(-mc // MR)
+def pack_a(a):
+    """a (M, K), any strides, as MR-row panels, panel-major: out[(q * K + p) * MR + r] =
+    a[q * MR + r, p], zero rows past the edge. A K block p0..p0+kc of panel q is then the
+    contiguous run from (q * K + p0) * MR that the microkernel reads."""
+    M, K = a.shape
+    panels = -(-M // MR)
+    out = np.zeros(panels * K * MR, dtype=np.float32)
     for q in range(panels):
-        base = q * kc * MR
-        rows = min(MR, mc - q * MR)
-        for p in range(kc):
-            o = base + p * MR
-            for r in range(rows):
-                buf[o + r] = a[i0 + q * MR + r, p0 + p]
-            for r in range(rows, MR):
-                buf[o + r] = 0.0
+        rows = min(MR, M - q * MR)
+        for r in range(rows):
+            src = a[q * MR + r]
+            base = q * K * MR + r
+            for p in range(K):
+                out[base + p * MR] = src[p]
+    return out
 
 
 @njit(nogil=True, cache=True)
@@ -273,8 +275,14 @@ def _pack_b(b, p0, kc, j0, nc, buf):
 def gemm(a, b, c, accumulate):
     """c (M, N) = a (M, K) @ b (K, N), or c += a @ b when ``accumulate``; float32, any strides
     for a and b, c with contiguous rows (any row stride). One thread."""
-    M, K = a.shape
-    N = b.shape[1]
+    gemm_packed(pack_a(a), a.shape[0], b, c, accumulate)
+
+
+@njit(nogil=True, cache=True)
+def gemm_packed(apack, M, b, c, accumulate):
+    """:func:`gemm` with A already packed by :func:`pack_a` (M rows, K = b's rows): for a
+    weight matrix multiplied into many column blocks, packed once."""
+    K, N = b.shape
     if c.strides[1] != 4 and N > 1:
         raise ValueError("gemm: c's rows must be contiguous")
     ldc = c.strides[0] // 4
@@ -286,7 +294,6 @@ def gemm(a, b, c, accumulate):
         return
     nc_max = min(NC, -(-N // NR) * NR)
     bbuf = np.empty(KC * nc_max, dtype=np.float32)
-    abuf = np.empty(KC * min(MC, -(-M // MR) * MR), dtype=np.float32)
     edge = np.empty(MR * NR, dtype=np.float32)
     for j0 in range(0, N, NC):
         nc = min(NC, N - j0)
@@ -296,7 +303,6 @@ def gemm(a, b, c, accumulate):
             _pack_b(b, p0, kc, j0, nc, bbuf)
             for i0 in range(0, M, MC):
                 mc = min(MC, M - i0)
-                _pack_a(a, i0, mc, p0, kc, abuf)
                 for jq in range(-(-nc // NR)):
                     cols = min(NR, nc - jq * NR)
                     for iq in range(-(-mc // MR)):
@@ -304,12 +310,11 @@ def gemm(a, b, c, accumulate):
                         ri = i0 + iq * MR
                         cj = j0 + jq * NR
                         ci = ri * ldc + cj
+                        aoff = ((i0 // MR + iq) * K + p0) * MR
                         if rows == MR and cols == NR:
-                            microkernel(kc, abuf, iq * kc * MR, bbuf, jq * kc * NR, c, ci, ldc,
-                                        acc)
+                            microkernel(kc, apack, aoff, bbuf, jq * kc * NR, c, ci, ldc, acc)
                         else:
-                            microkernel(kc, abuf, iq * kc * MR, bbuf, jq * kc * NR, edge, 0, NR,
-                                        0)
+                            microkernel(kc, apack, aoff, bbuf, jq * kc * NR, edge, 0, NR, 0)
                             for r in range(rows):
                                 for j in range(cols):
                                     if acc:
@@ -361,6 +366,38 @@ def _matmul_impl(a, b, out, own):
     def impl_blas(a, b, out, own):
         np.dot(a, b, out)
     return impl_blas
+
+
+def matmul_packed(a, apack, b, out, own):
+    """out = a @ b inside a Numba kernel, as :func:`matmul`, with ``apack`` = :func:`pack_a`
+    of a (used when the microkernel runs; a float64 call, or ``own`` false, runs BLAS on a)."""
+    raise NotImplementedError("matmul_packed is called from Numba-compiled kernels")
+
+
+@overload(matmul_packed, jit_options={"nogil": True})
+def _matmul_packed_impl(a, apack, b, out, own):
+    if all(isinstance(t, types.Array) and t.dtype == types.float32 for t in (a, b, out)):
+        def impl(a, apack, b, out, own):
+            if own:
+                gemm_packed(apack, a.shape[0], b, out, False)
+            else:
+                np.dot(a, b, out)
+        return impl
+
+    def impl_blas(a, apack, b, out, own):
+        np.dot(a, b, out)
+    return impl_blas
+
+
+def pack_groups(w2: np.ndarray, groups: int, own: bool, transposed: bool = False) -> np.ndarray:
+    """Each group's rows of w2 (K, taps), or their transpose, packed by :func:`pack_a`, one row
+    per group, for the kernels' :func:`matmul_packed` (a placeholder when the microkernel does
+    not run)."""
+    if not own:
+        return np.zeros((groups, 1), dtype=np.float32)
+    rows = w2.shape[0] // groups
+    blocks = [w2[g * rows:(g + 1) * rows] for g in range(groups)]
+    return np.stack([pack_a(b.T if transposed else b) for b in blocks])
 
 
 # --- flush-to-zero / denormals-are-zero -----------------------------------------------------------

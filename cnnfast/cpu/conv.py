@@ -44,11 +44,14 @@ from cnnfast.cpu._im2col import (
     tap_offset,
     zero_of,
 )
+from cnnfast.cpu._microkernel import MR as TILE_ROWS
 from cnnfast.cpu._microkernel import (
     enter_flush,
     get_flush_denormals,
     leave_flush,
     matmul,
+    matmul_packed,
+    pack_groups,
     use_own,
 )
 from cnnfast.cpu._parallel import (
@@ -261,11 +264,15 @@ def _gemm_forward(x5, w5, geo: _Geometry, y5) -> None:
     maps, valid = geo.maps()
     # Fewer chunks than threads (batch 1): each chunk's filters are cut into runs, one task a
     # run (each task gathers its chunk again: cheap beside a product at these sizes).
-    splits = 1 if len(units) >= threads else min(geo.Kg, -(-threads // len(units)))
+    # The runs start at multiples of the microkernel's tile rows (panels of the packed filters).
+    splits = 1 if len(units) >= threads else min(-(-geo.Kg // TILE_ROWS),
+                                                 -(-threads // len(units)))
+    own, flush = _choices(x5.dtype)
+    w2 = w5.reshape(geo.K, geo.taps)
     with single_threaded_blas():
-        _gemm_forward_kernel(x5, w5.reshape(geo.K, geo.taps), y5, units, splits, geo.groups,
-                             geo.ks, geo.pd, geo.dl, maps, valid,
-                             is_same(geo.size, geo.st, geo.out), cols, prod, *_choices(x5.dtype))
+        _gemm_forward_kernel(x5, w2, pack_groups(w2, geo.groups, own), y5, units, splits,
+                             geo.groups, geo.ks, geo.pd, geo.dl, maps, valid,
+                             is_same(geo.size, geo.st, geo.out), cols, prod, own, flush)
 
 
 def _winograd_forward(x5, w5, geo: _Geometry, y5) -> None:
@@ -286,11 +293,12 @@ def _winograd_forward(x5, w5, geo: _Geometry, y5) -> None:
 
 
 @parallel_kernel
-def _gemm_forward_kernel(x, w2, y, units, splits, groups, ks, pd, dl, maps, valid, same,
+def _gemm_forward_kernel(x, w2, wpack, y, units, splits, groups, ks, pd, dl, maps, valid, same,
                          cols_buf, prod_buf, own, flush):
     """y (N, K, OD, OH, OW) chunk by chunk (one thread per chunk and run of ``splits`` runs of
     each group's filters): gather, one product per group into the thread's buffer, then copy
-    each (sample, filter) run into y. ``own`` and ``flush``: see :func:`_choices`."""
+    each (sample, filter) run into y. ``own`` and ``flush``: see :func:`_choices`; ``wpack``:
+    each group's filters packed for the microkernel."""
     N, C = x.shape[0], x.shape[1]
     K, taps = w2.shape
     OD, OH, OW = y.shape[2], y.shape[3], y.shape[4]
@@ -302,7 +310,9 @@ def _gemm_forward_kernel(x, w2, y, units, splits, groups, ks, pd, dl, maps, vali
         t = numba.get_thread_id()
         u = task // splits
         part = task - u * splits
-        k0, k1 = Kg * part // splits, Kg * (part + 1) // splits
+        panels = -(-Kg // TILE_ROWS)
+        k0 = min(Kg, panels * part // splits * TILE_ROWS)
+        k1 = min(Kg, panels * (part + 1) // splits * TILE_ROWS)
         n0, nb, r0, nr = units[u, 0], units[u, 1], units[u, 2], units[u, 3]
         span = nr * OW
         ncols = nb * span
@@ -310,7 +320,8 @@ def _gemm_forward_kernel(x, w2, y, units, splits, groups, ks, pd, dl, maps, vali
         prod = prod_buf[t, :(k1 - k0) * ncols].reshape(k1 - k0, ncols)
         for g in range(groups):
             im2col(x, n0, nb, r0, nr, g * Cg, Cg, ks, pd, dl, OW, maps, valid, same, cols)
-            matmul(w2[g * Kg + k0:g * Kg + k1], cols.reshape(taps, ncols), prod, own)
+            matmul_packed(w2[g * Kg + k0:g * Kg + k1], wpack[g, k0 * taps:],
+                          cols.reshape(taps, ncols), prod, own)
             for b in range(nb):
                 for k in range(k1 - k0):
                     dst = y3[n0 + b, g * Kg + k0 + k, r0 * OW:(r0 + nr) * OW]
@@ -417,10 +428,12 @@ def conv_backward_data(gy, w, x_shape: Ints, stride: Ints, padding: Ints, dilati
     ncols = geo.chunk_columns(threads)
     gcols = scratch("cols", threads, geo.taps * ncols, gy5.dtype)
     gyt = scratch("gyt", threads, geo.Kg * ncols, gy5.dtype)
+    own, flush = _choices(gy5.dtype)
+    w2 = w5.reshape(geo.K, geo.taps)
     with single_threaded_blas():
-        _gemm_backward_data_kernel(gy5, w5.reshape(geo.K, geo.taps), gx5, units,
-                                   _spread(units, threads), geo.groups, geo.ks, geo.pd, geo.dl,
-                                   maps, valid, same, gcols, gyt, *_choices(gy5.dtype))
+        _gemm_backward_data_kernel(gy5, w2, pack_groups(w2, geo.groups, own, transposed=True),
+                                   gx5, units, _spread(units, threads), geo.groups, geo.ks,
+                                   geo.pd, geo.dl, maps, valid, same, gcols, gyt, own, flush)
     return gx5.reshape(geo.x_shape())
 
 
@@ -437,8 +450,8 @@ def _gather_gy(gy3, n0, nb, r0, nr, OW, k0, Kg, gyt):
 
 
 @parallel_kernel
-def _gemm_backward_data_kernel(gy, w2, gx, units, spread, groups, ks, pd, dl, maps, valid,
-                               same, gcols_buf, gyt_buf, own, flush):
+def _gemm_backward_data_kernel(gy, w2, wpack, gx, units, spread, groups, ks, pd, dl, maps,
+                               valid, same, gcols_buf, gyt_buf, own, flush):
     """gx (N, C, D, H, W), zeroed, chunk by chunk: gcols = w^T @ gy, added into gx by col2im.
     One thread per run of chunks (``spread``), so the bands of one sample, which add into the
     same rows of gx, stay on one thread, in order."""
@@ -458,7 +471,8 @@ def _gemm_backward_data_kernel(gy, w2, gx, units, spread, groups, ks, pd, dl, ma
             gyt = gyt_buf[t, :Kg * ncols].reshape(Kg, ncols)
             for g in range(groups):
                 _gather_gy(gy3, n0, nb, r0, nr, OW, g * Kg, Kg, gyt)
-                matmul(w2[g * Kg:(g + 1) * Kg].T, gyt, gcols.reshape(taps, ncols), own)
+                matmul_packed(w2[g * Kg:(g + 1) * Kg].T, wpack[g], gyt,
+                              gcols.reshape(taps, ncols), own)
                 col2im_add(gcols, n0, nb, r0, nr, g * Cg, Cg, ks, pd, dl, OW, maps, valid,
                            same, gx)
         leave_flush(state)
