@@ -127,7 +127,9 @@ wait "$suite_pid"
 run bench "${GPU_CHECK_BENCH_SECONDS:-150}" "$py" benchmarks/gpu_check.py bench "$out" \
     "${flags[@]}" ${GPU_CHECK_BENCH_ARGS:-}
 
-run tc "${GPU_CHECK_TC_SECONDS:-150}" "$py" benchmarks/gpu_tc_check.py "$out" "${flags[@]}"
+tc_limit=150
+[ "$sim" -eq 1 ] && tc_limit=400  # the simulator: a Python thread per CUDA thread
+run tc "${GPU_CHECK_TC_SECONDS:-$tc_limit}" "$py" benchmarks/gpu_tc_check.py "$out" "${flags[@]}"
 
 "$py" benchmarks/gpu_check.py summary "$out" "${flags[@]}" 2>&1 | tee -a "$log"
 exit "${PIPESTATUS[0]}"

@@ -13,6 +13,8 @@
    cnnfast FP32 / TF32 / BF16 and PyTorch + cuDNN with TF32 off, TF32 on and BF16 inputs; the
    TF32 forward also with each candidate MMA tile shape. Reported as ms and TFLOP/s, with the
    issue's targets: TF32 >= 3x cnnfast FP32 and >= 0.5x cuDNN TF32 on layers of >= 64 channels.
+3. Training: SmallCNN fitted on the synthetic nodule task with each kernel family (same seed),
+   each model's test AUROC under each precision: how much TF32 / BF16 change the result.
 
 Writes OUT_DIR/tc_check.json and prints a summary; exit status 0 when every check passed (the
 speed targets are reported, not enforced). A time budget stops the benchmark early (what was
@@ -269,6 +271,40 @@ def bench(rng, start: float) -> tuple[list[dict], list[str]]:
     return rows, skipped
 
 
+# --- 3. training with each precision ------------------------------------------------------------
+
+def train_compare() -> dict:
+    """SmallCNN fitted on the synthetic nodule task from one seed with each kernel family, then
+    every model scored on the test split under every precision: how far TF32 / BF16 training
+    and evaluation move the AUROC from FP32's (the measured difference)."""
+    from cnnfast import models, synthetic
+    from cnnfast.train import TrainConfig, evaluate, fit
+
+    n_train, n_test, epochs, channels = (8, 8, 1, (2, 2, 2)) if SIM else (2048, 512, 3,
+                                                                          (8, 16, 32))
+    data = synthetic.nodule_dataset(n_train, n_test, n_test, seed=0, size=8 if SIM else 28)
+    out = {"epochs": epochs, "train": n_train, "auroc": {}}
+    trained = {}
+    for kernel, setting in KERNELS.items():
+        model = models.SmallCNN(data.in_channels, data.num_outputs, channels=channels,
+                                seed=0).to("cuda")
+        cfg = TrainConfig(epochs=epochs, batch_size=8 if SIM else 64, lr=3e-3,
+                          schedule="none", seed=0, device="cuda")
+        start = time.perf_counter()
+        with precision(setting):
+            fit(model, data, cfg, progress=False)
+        out[f"fit_{kernel}_s"] = round(time.perf_counter() - start, 2)
+        trained[kernel] = model
+    for trained_with, model in trained.items():
+        for scored_with, setting in KERNELS.items():
+            with precision(setting):
+                metrics, _ = evaluate(model, data.test, data.task, device="cuda")
+            out["auroc"][f"{trained_with} scored {scored_with}"] = float(metrics.auc)
+    fp32 = out["auroc"]["fp32 scored fp32"]
+    out["largest_auroc_change"] = max(abs(v - fp32) for v in out["auroc"].values())
+    return out
+
+
 def _geomean(values) -> float:
     values = [v for v in values if v > 0 and math.isfinite(v)]
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
@@ -370,8 +406,16 @@ def main() -> int:
             print(f"  FAILED {r['kernel']} {r['pass']} {r['shape']}: error / bound "
                   f"{r['max_error_over_bound']:.3g}")
         rows, skipped = bench(rng, start)
+        try:
+            training = train_compare()
+            print(f"training: AUROC {training['auroc']} (largest change from FP32 "
+                  f"{training['largest_auroc_change']:.4f})", flush=True)
+        except Exception as exc:  # noqa: BLE001 - one run on a GPU: record, go on
+            training = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            print(f"  ERROR training: {training['error']}", flush=True)
     report["kernels"] = [] if SIM else _compiled_kernels(launched)
     report.update({"checks": checks, "bench": rows, "skipped_for_time": skipped,
+                   "training": training,
                    "targets": targets(rows) if rows else {},
                    "seconds": round(time.perf_counter() - start, 1),
                    "verdict": "fail" if failed else "pass"})

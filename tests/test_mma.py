@@ -262,3 +262,22 @@ def test_train_matmul_precision_runs_the_tensor_core_kernels(tmp_path, capsys):
                                                 rt.MmaTiles)}
     assert all(t.precision == "tf32" for t in tiles if isinstance(t, rt.MmaTiles))
     assert config.get("matmul_precision") == "highest"  # the option was scoped to the command
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_fragment_reads_hit_32_distinct_shared_memory_banks(precision):
+    """A warp's reads of one A (or B) fragment element: lane (g, t) reads row k0 + t (TF32) or
+    k0 + 2t (BF16), column base + g of a shared tile; the padded pitch spreads them over the 32
+    banks (4-byte words), where the SIMT kernels' pitch of BM + 1 would not."""
+    from cnnfast.cuda._gemm import gemm_steps
+
+    tiles = rt.MmaTiles(precision=precision)
+    steps = gemm_steps(tiles, np.dtype(np.float32))
+    step = 1 if precision == "tf32" else 2
+
+    def banks(pitch):
+        return {((lane % 4) * step * pitch + lane // 4) % 32 for lane in range(32)}
+
+    for shape in (steps.a_shape, steps.b_shape):
+        assert len(banks(shape[1])) == 32, shape
+    assert len(banks(tiles.block_m + 1)) < 32
