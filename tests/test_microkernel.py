@@ -255,3 +255,18 @@ def test_fma_ceiling_is_measured():
     rate = mk.fma_ceiling.__wrapped__(1, seconds=0.01, repeats=1)
     assert np.isfinite(rate) and rate > 0.1
     assert mk.fma_flops(10) == 2 * mk.LANES * mk._CEILING_ACCS * 10
+
+
+def test_small_float32_calls_run_the_serial_build(monkeypatch):
+    from cnnfast.cpu import _parallel
+
+    kernel = _parallel.ParallelKernel(lambda x, out: None)
+    calls = []
+    monkeypatch.setattr(kernel, "parallel", lambda *a: calls.append("parallel"))
+    monkeypatch.setattr(kernel, "serial", lambda *a: calls.append("serial"))
+    small = np.zeros(_parallel.PARALLEL_MIN_ELEMENTS - 1, dtype=np.float32)
+    large = np.zeros(_parallel.PARALLEL_MIN_ELEMENTS, dtype=np.float32)
+    kernel(small, small)
+    kernel(small, large)
+    kernel(large.astype(np.float64), large)
+    assert calls == ["serial", "parallel", "serial"]

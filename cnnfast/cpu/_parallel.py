@@ -28,6 +28,9 @@ import numpy as np
 from numba import njit
 
 _lock = threading.Lock()
+# Below this many elements in every array argument a float32 kernel runs serially (see
+# ParallelKernel).
+PARALLEL_MIN_ELEMENTS = 1 << 16
 _local = threading.local()
 
 
@@ -36,7 +39,11 @@ class ParallelKernel:
     arrays (the training dtype, where speed matters) and a serial ``@njit`` for float64 (the
     checking dtype). A parallel compile costs 2-3 times a serial one, and CI compiles every
     kernel in both dtypes; ``prange`` runs as ``range`` in the serial build. The dtype is that
-    of the first floating-point array argument.
+    of the first floating-point array argument. A float32 call whose arrays are all smaller than
+    :data:`PARALLEL_MIN_ELEMENTS` runs the serial build too: its work (tens of microseconds)
+    is less than waking the pool, and on a busy machine a parallel loop waits for a worker
+    thread to be scheduled (a batch-1 ResNet-18's ReLUs took 6.5 ms each with Numba's OpenMP
+    layer, 0.1 ms serially).
     """
 
     def __init__(self, fn):
@@ -53,7 +60,9 @@ class ParallelKernel:
     def __call__(self, *args):
         for a in args:
             if isinstance(a, np.ndarray) and a.dtype.kind == "f":
-                if a.dtype == np.float32:
+                if a.dtype == np.float32 and max(
+                        b.size for b in args if isinstance(b, np.ndarray)) >= \
+                        PARALLEL_MIN_ELEMENTS:
                     return self.parallel(*args)
                 break
         return self.serial(*args)
