@@ -579,3 +579,21 @@ def test_worker_executor_offers_every_public_local_call():
         with pytest.raises(AttributeError):
             getattr(worker, name)
 
+
+
+@pytest.mark.skipif(not dispatch.gpu_present() or dispatch.cuda_simulated(), reason="needs a GPU")
+def test_benchmark_times_gpu_work_with_cuda_events():
+    """On a GPU: CUDA-event times for CuPy work (and PyTorch's, where it sees the GPU), and the
+    error measure on device arrays."""
+    import cupy
+
+    a = cupy.ones((2048, 2048), cupy.float32)
+    timing = bench.benchmark(lambda: a @ a, repeats=3, warmup=1, events="cupy")
+    assert len(timing.gpu_times) == 3 and all(t > 0 for t in timing.gpu_times)
+    assert timing.times is timing.gpu_times
+    assert bench.relative_error(a * 1.01, a, "l2") == pytest.approx(0.01, rel=1e-3)
+    torch = sys.modules.get("torch") or pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        t = torch.ones((2048, 2048), device="cuda")
+        timing = bench.benchmark(lambda: t @ t, repeats=2, events="torch")
+        assert len(timing.gpu_times) == 2 and all(s > 0 for s in timing.gpu_times)
