@@ -8,8 +8,9 @@ inputs nobody asked a gradient for. ``Tensor.backward`` walks the graph in rever
 order with an explicit stack (no recursion, so a 5,000-op chain is fine) and sums the gradients
 of a tensor used more than once.
 
-The elementwise and shape ops that models need live here; the neural-network ops (convolution,
-pooling, batch norm, losses) live in :mod:`cnnfast.functional`.
+``Function`` and grad mode live in :mod:`cnnfast.autograd`, the Functions behind the Tensor's
+operators and methods in :mod:`cnnfast.ops`, the neural-network ops (convolution, pooling, batch
+norm, losses) in :mod:`cnnfast.functional`.
 """
 
 from __future__ import annotations

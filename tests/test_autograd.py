@@ -214,3 +214,19 @@ def test_transpose_of_a_scalar_is_the_scalar():
     y.backward()
     assert x.grad.item() == 1.0
     assert x.transpose(-1, 0).shape == ()
+
+
+def test_pytorch_spellings_of_shape_helpers():
+    x = cnnfast.tensor(np.arange(6.0).reshape(2, 1, 3), requires_grad=True)
+    assert x.size == 6 and x.size() == (2, 1, 3) and x.size(0) == 2 and x.size(-1) == 3
+    assert x.squeeze(1).shape == (2, 3) and x.squeeze(0).shape == (2, 1, 3)
+    assert cnnfast.squeeze(x).shape == (2, 3) and cnnfast.unsqueeze(x, -1).shape == (2, 1, 3, 1)
+    assert x.to(cnnfast.float32).dtype == np.float32 and x.long().dtype == np.int64
+    y = cnnfast.cat([x, x * 2.0], dim=1)
+    assert y.shape == (2, 2, 3)
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), np.full((2, 1, 3), 3.0))
+    with pytest.raises(ValueError, match="cat: tensors must share"):
+        cnnfast.cat([x, cnnfast.tensor(np.zeros((2, 2, 2)))], dim=1)
+    with pytest.raises(ValueError, match="size: axis 3"):
+        x.size(3)

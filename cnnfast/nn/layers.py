@@ -430,11 +430,6 @@ class _Pad(Module):
         return f"{self.padding}"
 
 
-def _pad_class(name: str, nd: int, mode: str, doc: str) -> type:
-    return type(name, (_Pad,), {"nd": nd, "mode": mode, "__doc__": doc,
-                                "__module__": __name__})
-
-
 class ConstantPad1d(_Pad):
     """Pad the last axis with ``value``."""
 
@@ -448,19 +443,65 @@ class ConstantPad1d(_Pad):
         return F.pad(x, self.padding, "constant", self.value)
 
 
-ConstantPad2d = type("ConstantPad2d", (ConstantPad1d,), {"nd": 2, "__module__": __name__,
-                                                         "__doc__": "Pad the last 2 axes."})
-ConstantPad3d = type("ConstantPad3d", (ConstantPad1d,), {"nd": 3, "__module__": __name__,
-                                                         "__doc__": "Pad the last 3 axes."})
-ZeroPad1d, ZeroPad2d, ZeroPad3d = (_pad_class(f"ZeroPad{n}d", n, "constant",
-                                              f"Pad the last {n} axes with zeros.")
-                                   for n in (1, 2, 3))
-ReflectionPad1d, ReflectionPad2d, ReflectionPad3d = (
-    _pad_class(f"ReflectionPad{n}d", n, "reflect", f"Mirror the last {n} axes at their edges.")
-    for n in (1, 2, 3))
-ReplicationPad1d, ReplicationPad2d, ReplicationPad3d = (
-    _pad_class(f"ReplicationPad{n}d", n, "replicate", f"Repeat the edges of the last {n} axes.")
-    for n in (1, 2, 3))
-CircularPad1d, CircularPad2d, CircularPad3d = (
-    _pad_class(f"CircularPad{n}d", n, "circular", f"Wrap the last {n} axes around.")
-    for n in (1, 2, 3))
+class ConstantPad2d(ConstantPad1d):
+    nd = 2
+
+
+class ConstantPad3d(ConstantPad1d):
+    nd = 3
+
+
+class ZeroPad1d(_Pad):
+    """Pad with zeros."""
+
+    nd = 1
+
+
+class ZeroPad2d(ZeroPad1d):
+    nd = 2
+
+
+class ZeroPad3d(ZeroPad1d):
+    nd = 3
+
+
+class ReflectionPad1d(_Pad):
+    """Mirror at the edges (the edge itself not repeated)."""
+
+    nd, mode = 1, "reflect"
+
+
+class ReflectionPad2d(ReflectionPad1d):
+    nd = 2
+
+
+class ReflectionPad3d(ReflectionPad1d):
+    nd = 3
+
+
+class ReplicationPad1d(_Pad):
+    """Repeat the edge values."""
+
+    nd, mode = 1, "replicate"
+
+
+class ReplicationPad2d(ReplicationPad1d):
+    nd = 2
+
+
+class ReplicationPad3d(ReplicationPad1d):
+    nd = 3
+
+
+class CircularPad1d(_Pad):
+    """Wrap around."""
+
+    nd, mode = 1, "circular"
+
+
+class CircularPad2d(CircularPad1d):
+    nd = 2
+
+
+class CircularPad3d(CircularPad1d):
+    nd = 3
