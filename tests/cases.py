@@ -66,3 +66,11 @@ def randomize_batch_norm(model, seed: int = 0) -> None:
             m.running_var.data[...] = rng.uniform(0.5, 2.0, c)
             m.weight.data[...] = rng.uniform(0.5, 1.5, c)
             m.bias.data[...] = rng.normal(0.0, 0.2, c)
+
+
+def conv_all(kernels, case: ConvCase, x, w, gy):
+    """(y, gx, gw) of one kernel path (a module or namespace with the conv contract's ops)."""
+    return (kernels.conv_forward(x, w, *case.args),
+            kernels.conv_backward_data(gy, w, case.x_shape, *case.args),
+            kernels.conv_backward_weight(gy, x, case.w_shape, *case.args))
+

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 import pytest
-from cases import ConvCase, PoolCase, make_array
+from cases import ConvCase, PoolCase, conv_all, make_array
 
 from cnnfast.cpu import activation, conv, norm, pool
 from cnnfast.reference import activation as ref_activation
@@ -87,12 +87,6 @@ CONV_CASES = {
 CONV_IDS = list(CONV_CASES)
 
 
-def _conv_all(kernels, case, x, w, gy):
-    return (kernels.conv_forward(x, w, *case.args),
-            kernels.conv_backward_data(gy, w, case.x_shape, *case.args),
-            kernels.conv_backward_weight(gy, x, case.w_shape, *case.args))
-
-
 def _check_conv(case, dtype, layout="contiguous", seed=0):
     rng = np.random.default_rng(seed)
     x = make_array(rng, case.x_shape, dtype, layout)
@@ -100,8 +94,8 @@ def _check_conv(case, dtype, layout="contiguous", seed=0):
     y_shape = ref_conv.conv_forward(x, w, *case.args).shape
     gy = make_array(rng, y_shape, dtype, layout)
     copies = frozen(x, w, gy)
-    got = _conv_all(conv, case, x, w, gy)
-    expected = _conv_all(ref_conv, case, x, w, gy)
+    got = conv_all(conv, case, x, w, gy)
+    expected = conv_all(ref_conv, case, x, w, gy)
     taps = int(np.prod(case.w_shape[1:]))
     for name, a, e in zip(("y", "gx", "gw"), got, expected):
         assert a.dtype == dtype, name
@@ -182,13 +176,13 @@ def test_conv_deterministic_and_outputs_not_reused(case_id):
     rng = np.random.default_rng(7)
     x, w = make_array(rng, case.x_shape, np.float32), make_array(rng, case.w_shape, np.float32)
     gy = make_array(rng, ref_conv.conv_forward(x, w, *case.args).shape, np.float32)
-    first = _conv_all(conv, case, x, w, gy)
+    first = conv_all(conv, case, x, w, gy)
     kept = frozen(*first)
-    second = _conv_all(conv, case, x, w, gy)
+    second = conv_all(conv, case, x, w, gy)
     for a, b in zip(first, second):
         assert np.array_equal(a, b)  # same bits
     # A call on other data must not write into arrays handed out before.
-    _conv_all(conv, case, -x, -w, -gy)
+    conv_all(conv, case, -x, -w, -gy)
     assert_unchanged(first, kept)
 
 

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from cases import ConvCase, make_array
+from cases import ConvCase, conv_all, make_array
 
 from cnnfast import config as settings
 from cnnfast.cpu import _microkernel as mk
@@ -105,13 +105,13 @@ def test_conv_on_either_product_matches_reference(case_id, gemm_choice, monkeypa
     w = make_array(rng, case.w_shape, np.float32)
     y = ref_conv.conv_forward(x, w, *case.args)
     gy = make_array(rng, y.shape, np.float32)
-    assert_close(conv.conv_forward(x, w, *case.args), y, rtol=1e-4, atol=1e-4, name="y")
-    assert_close(conv.conv_backward_data(gy, w, case.x_shape, *case.args),
-                 ref_conv.conv_backward_data(gy, w, case.x_shape, *case.args),
-                 rtol=1e-4, atol=1e-4, name="gx")
-    assert_close(conv.conv_backward_weight(gy, x, case.w_shape, *case.args),
-                 ref_conv.conv_backward_weight(gy, x, case.w_shape, *case.args),
-                 rtol=1e-4, atol=1e-4, name="gw")
+    _assert_conv_matches(conv_all(conv, case, x, w, gy), conv_all(ref_conv, case, x, w, gy))
+
+
+def _assert_conv_matches(got, expected):
+    for name, a, e in zip(("y", "gx", "gw"), got, expected):
+        assert a.dtype == np.float32 and a.shape == e.shape, name
+        assert_close(a, e, rtol=1e-4, atol=1e-4, name=name)
 
 
 DIRECT_CASES = {
@@ -162,14 +162,8 @@ def test_direct_convolution_matches_reference(case_id, tiny_tiles, monkeypatch):
                                                                     *case.args),
                  rtol=1e-4, atol=1e-4, name="direct gw")
     assert geo.direct_gemm(np.float32) == (geo.st == (1, 1, 1))
-    got = (conv.conv_forward(x, w, *case.args),
-           conv.conv_backward_data(gy, w, case.x_shape, *case.args),
-           conv.conv_backward_weight(gy, x, case.w_shape, *case.args))
-    expected = (y, ref_conv.conv_backward_data(gy, w, case.x_shape, *case.args),
-                ref_conv.conv_backward_weight(gy, x, case.w_shape, *case.args))
-    for name, a, e in zip(("y", "gx", "gw"), got, expected):
-        assert a.dtype == np.float32 and a.shape == e.shape, name
-        assert_close(a, e, rtol=1e-4, atol=1e-4, name=name)
+    got = conv_all(conv, case, x, w, gy)
+    _assert_conv_matches(got, conv_all(ref_conv, case, x, w, gy))
     again = (conv.conv_forward(x, w, *case.args),
              conv.conv_backward_weight(gy, x, case.w_shape, *case.args))
     assert all(np.array_equal(a, b) for a, b in zip(again, (got[0], got[2])))

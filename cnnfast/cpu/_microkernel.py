@@ -154,6 +154,18 @@ def _i64(builder, v):
     return builder.sext(v, _I64) if v.type.width < 64 else v
 
 
+def _pointers(context, builder, signature, args, *pairs):
+    """``data + offset`` pointers for (array argument index, offset argument index) pairs."""
+    return [builder.gep(_data(context, builder, signature.args[a], args[a]), [args[o]])
+            for a, o in pairs]
+
+
+def _packed(builder, base, width):
+    """The address of element (p, i) of a packed panel of ``width`` (MR for A, NR for B)."""
+    return lambda p, i: builder.gep(base, [builder.add(builder.mul(p, _const(width)),
+                                                       _const(i))])
+
+
 @intrinsic
 def microkernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
     """c[coff + r * ldc + j] (+)= sum over p < kc of a[aoff + p * MR + r] * b[boff + p * NR + j]
@@ -163,17 +175,10 @@ def microkernel(typingctx, kc, a, aoff, b, boff, c, coff, ldc, accumulate):
     sig = types.void(kc, a, aoff, b, boff, c, coff, ldc, accumulate)
 
     def codegen(context, builder, signature, args):
-        kc_v, a_v, aoff_v, b_v, boff_v, c_v, coff_v, ldc_v, acc_v = args
-        sa = signature.args
-        a_p = builder.gep(_data(context, builder, sa[1], a_v), [aoff_v])
-        b_p = builder.gep(_data(context, builder, sa[3], b_v), [boff_v])
-        c_p = builder.gep(_data(context, builder, sa[5], c_v), [coff_v])
-        _tile(builder, kc_v,
-              lambda p, r: builder.gep(a_p, [builder.add(builder.mul(p, _const(MR)),
-                                                         _const(r))]),
-              lambda p, j: builder.gep(b_p, [builder.add(builder.mul(p, _const(NR)),
-                                                         _const(j * LANES))]),
-              c_p, ldc_v, acc_v)
+        a_p, b_p, c_p = _pointers(context, builder, signature, args, (1, 2), (3, 4), (5, 6))
+        b_vec = _packed(builder, b_p, NR)
+        _tile(builder, args[0], _packed(builder, a_p, MR),
+              lambda p, j: b_vec(p, j * LANES), c_p, args[7], args[8])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -187,21 +192,14 @@ def microkernel_b_rows(typingctx, kc, a, aoff, b, boff, rows, roff, c, coff, ldc
     sig = types.void(kc, a, aoff, b, boff, rows, roff, c, coff, ldc, accumulate)
 
     def codegen(context, builder, signature, args):
-        kc_v, a_v, aoff_v, b_v, boff_v, rows_v, roff_v, c_v, coff_v, ldc_v, acc_v = args
-        sa = signature.args
-        a_p = builder.gep(_data(context, builder, sa[1], a_v), [aoff_v])
-        b_p = builder.gep(_data(context, builder, sa[3], b_v), [boff_v])
-        rows_p = builder.gep(_data(context, builder, sa[5], rows_v), [roff_v])
-        c_p = builder.gep(_data(context, builder, sa[7], c_v), [coff_v])
+        a_p, b_p, rows_p, c_p = _pointers(context, builder, signature, args, (1, 2), (3, 4),
+                                          (5, 6), (7, 8))
 
         def b_vector(p, j):
             start = _i64(builder, builder.load(builder.gep(rows_p, [p])))
             return builder.gep(b_p, [builder.add(start, _const(j * LANES))])
 
-        _tile(builder, kc_v,
-              lambda p, r: builder.gep(a_p, [builder.add(builder.mul(p, _const(MR)),
-                                                         _const(r))]),
-              b_vector, c_p, ldc_v, acc_v)
+        _tile(builder, args[0], _packed(builder, a_p, MR), b_vector, c_p, args[9], args[10])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -215,20 +213,14 @@ def microkernel_a_rows(typingctx, kc, a, aoff, rows, roff, b, boff, c, coff, ldc
     sig = types.void(kc, a, aoff, rows, roff, b, boff, c, coff, ldc, accumulate)
 
     def codegen(context, builder, signature, args):
-        kc_v, a_v, aoff_v, rows_v, roff_v, b_v, boff_v, c_v, coff_v, ldc_v, acc_v = args
-        sa = signature.args
-        a_p = builder.gep(_data(context, builder, sa[1], a_v), [aoff_v])
-        rows_p = builder.gep(_data(context, builder, sa[3], rows_v), [roff_v])
-        b_p = builder.gep(_data(context, builder, sa[5], b_v), [boff_v])
-        c_p = builder.gep(_data(context, builder, sa[7], c_v), [coff_v])
+        a_p, rows_p, b_p, c_p = _pointers(context, builder, signature, args, (1, 2), (3, 4),
+                                          (5, 6), (7, 8))
         starts = [builder.gep(a_p, [_i64(builder, builder.load(builder.gep(rows_p,
                                                                           [_const(r)])))])
                   for r in range(MR)]
-        _tile(builder, kc_v,
-              lambda p, r: builder.gep(starts[r], [p]),
-              lambda p, j: builder.gep(b_p, [builder.add(builder.mul(p, _const(NR)),
-                                                         _const(j * LANES))]),
-              c_p, ldc_v, acc_v)
+        b_vec = _packed(builder, b_p, NR)
+        _tile(builder, args[0], lambda p, r: builder.gep(starts[r], [p]),
+              lambda p, j: b_vec(p, j * LANES), c_p, args[9], args[10])
         return context.get_dummy_value()
 
     return sig, codegen
