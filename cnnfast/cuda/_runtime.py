@@ -38,6 +38,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def check_loader_threads(tiles) -> None:
+    """The conv kernels' loaders need every thread to move the same number of elements per slice
+    with a fixed row (or reduction) index: a rule on the thread count of any tile shape."""
+    t, bm, bn, bk = tiles.threads, tiles.block_m, tiles.block_n, tiles.block_k
+    if t % bm or t % bk or (bm * bk) % t or (bn * bk) % t or t > 1024:
+        raise ValueError(
+            f"tiles {tiles}: the thread count {t} must be a multiple of block_m and block_k, "
+            f"divide block_m * block_k and block_n * block_k, and be at most 1024"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class GemmTiles:
     """Tile shape of the implicit-GEMM convolution kernels.
@@ -56,15 +67,10 @@ class GemmTiles:
     micro_n: int = 4
 
     def __post_init__(self):
-        bm, bn, bk = self.block_m, self.block_n, self.block_k
+        bm, bn = self.block_m, self.block_n
         if bm % self.micro_m or bn % self.micro_n:
             raise ValueError(f"micro-tile must divide the block tile, got {self}")
-        t = self.threads
-        if t % bm or t % bk or (bm * bk) % t or (bn * bk) % t or t > 1024:
-            raise ValueError(
-                f"tiles {self}: the thread count {t} must be a multiple of block_m and block_k, "
-                f"divide block_m * block_k and block_n * block_k, and be at most 1024"
-            )
+        check_loader_threads(self)
 
     @property
     def threads_m(self) -> int:
@@ -109,10 +115,7 @@ class MmaTiles:
                 or wn * self.warps_n != self.block_n or wm % 16 or wn % 8 or self.block_k % 16):
             raise ValueError(f"tiles {self}: each warp needs a whole number of 16 x 8 MMA tiles "
                              f"and block_k a multiple of 16")
-        t, bm, bk = self.threads, self.block_m, self.block_k
-        if t % bm or t % bk or (bm * bk) % t or (self.block_n * bk) % t or t > 1024:
-            raise ValueError(f"tiles {self}: the thread count {t} must be a multiple of block_m "
-                             f"and block_k and divide block_m * block_k and block_n * block_k")
+        check_loader_threads(self)
 
     @property
     def warp_m(self) -> int:
