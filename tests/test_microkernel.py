@@ -264,3 +264,22 @@ def test_small_float32_calls_run_the_serial_build(monkeypatch):
     kernel(small, large)
     kernel(large.astype(np.float64), large)
     assert calls == ["serial", "parallel", "serial"]
+
+
+@pytest.mark.parametrize("avx512_blas", [False, True])
+def test_auto_picks_the_product_by_the_blas_kernels(monkeypatch, avx512_blas):
+    """auto: the direct path either way; column-matrix products on the microkernel unless the
+    BLAS has AVX-512 kernels, and then Winograd on BLAS first for small 3x3 layers."""
+    monkeypatch.setattr(mk, "blas_has_avx512", lambda: avx512_blas)
+    monkeypatch.setattr(conv, "blas_has_avx512", lambda: avx512_blas)
+    with settings.using_config(cpu_gemm="auto"):
+        assert mk.use_direct(np.float32) and not mk.use_direct(np.float64)
+        assert mk.use_own(np.float32) == (not avx512_blas)
+        small = conv._geometry((2, 16, 14, 14), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+        large = conv._geometry((2, 16, 64, 64), (16, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+        assert small.winograd_first(np.float32) == avx512_blas
+        assert not large.winograd_first(np.float32) and large.direct_gemm(np.float32)
+    with settings.using_config(cpu_gemm="blas"):
+        assert not mk.use_direct(np.float32) and not mk.use_own(np.float32)
+    with settings.using_config(cpu_gemm="own"):
+        assert mk.use_own(np.float32) and not small.winograd_first(np.float32)

@@ -321,10 +321,15 @@ GEMM_CHOICES = ("auto", "own", "blas")
 
 
 def set_gemm(choice: str) -> None:
-    """Which matrix product the float32 CPU convolution runs: ``"own"`` (the microkernel),
-    ``"blas"`` (NumPy's BLAS) or ``"auto"`` (the default: the microkernel, which is faster than
-    OpenBLAS on every CPU measured; see benchmarks/README.md). float64 always runs BLAS.
-    The environment variable ``CNNFAST_CPU_GEMM`` sets the starting choice."""
+    """Which matrix product the float32 CPU convolution runs: ``"own"`` (the microkernel, and
+    the direct convolution that reads the input in place), ``"blas"`` (NumPy's BLAS on column
+    matrices only) or ``"auto"`` (the default: the direct convolution where it applies; for the
+    products on column matrices the microkernel, unless the BLAS runs AVX-512 kernels on an
+    AVX-512 target (:func:`blas_has_avx512`): OpenBLAS's SkylakeX kernels reached 77-96% of
+    the FMA ceiling on those shapes where the microkernel reached 56-91%, while with AVX2
+    kernels (OPENBLAS_CORETYPE=Haswell) OpenBLAS stays under half of it; measured with
+    benchmarks/cpu_engine.py). float64 always runs BLAS. The environment variable
+    ``CNNFAST_CPU_GEMM`` sets the starting choice."""
     if choice not in GEMM_CHOICES:
         raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {choice!r}")
     settings.set_option("cpu_gemm", choice)
@@ -334,9 +339,39 @@ def get_gemm() -> str:
     return settings.get("cpu_gemm")
 
 
-def use_own(dtype) -> bool:
-    """Whether a product on arrays of ``dtype`` runs :func:`gemm` (else BLAS)."""
+# OpenBLAS's kernel families with AVX-512 code (threadpoolctl's 'architecture'); MKL's too.
+_AVX512_BLAS = ("skylakex", "cooperlake", "sapphirerapids")
+
+
+@functools.lru_cache(maxsize=1)
+def blas_has_avx512() -> bool:
+    """Whether the BLAS that NumPy and Numba's np.dot call runs AVX-512 kernels here."""
+    if not has_avx512():
+        return False
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return False
+    for info in threadpool_info():
+        if info.get("user_api") == "blas":
+            arch = str(info.get("architecture") or "").lower()
+            if info.get("internal_api") == "mkl" or arch in _AVX512_BLAS:
+                return True
+    return False
+
+
+def use_direct(dtype) -> bool:
+    """Whether a float32 convolution may run the direct path (the microkernel on the input in
+    place) where its shape suits it."""
     return np.dtype(dtype) == np.float32 and get_gemm() != "blas"
+
+
+def use_own(dtype) -> bool:
+    """Whether a product on column matrices of ``dtype`` runs :func:`gemm` (else BLAS)."""
+    if np.dtype(dtype) != np.float32:
+        return False
+    choice = get_gemm()
+    return choice == "own" or (choice == "auto" and not blas_has_avx512())
 
 
 def matmul(a, b, out, own):

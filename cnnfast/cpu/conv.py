@@ -46,12 +46,15 @@ from cnnfast.cpu._im2col import (
 )
 from cnnfast.cpu._microkernel import MR as TILE_ROWS
 from cnnfast.cpu._microkernel import (
+    blas_has_avx512,
     enter_flush,
     get_flush_denormals,
+    get_gemm,
     leave_flush,
     matmul,
     matmul_packed,
     pack_groups,
+    use_direct,
     use_own,
 )
 from cnnfast.cpu._parallel import (
@@ -83,6 +86,10 @@ WINOGRAD_WEIGHT_MIN_CHANNELS = 32
 # Direct (float32, stride 1, own microkernel): the smallest share of the computed output
 # positions that is kept (the rest are the padded columns of each row, see _direct).
 DIRECT_MIN_EFFICIENCY = 0.75
+# With AVX-512 BLAS kernels, Winograd on BLAS beats the direct path on 3x3 layers up to this
+# many output positions (28x28, 14x14: 265 vs 190 GFLOP/s equivalent on one Zen 5 thread; at
+# 64x64 it fell to 90 vs 200).
+WINOGRAD_FIRST_MAX_POSITIONS = 1024
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -137,11 +144,17 @@ class _Geometry:
         backward-data) only at stride 1: at stride 2 the column-matrix product was as fast or
         faster (ResNet-18's downsampling layers, measured); backward-weight at any stride but
         for 1x1 filters with a stride (a quarter of the phases read: the gather is cheaper)."""
-        if self.groups != 1 or not use_own(dtype):
+        if self.groups != 1 or not use_direct(dtype):
             return False
         if self.st != (1, 1, 1) and (not weight or self.ks == (1, 1, 1)):
             return False
         return _direct.efficiency(self.out, self.size, self.pd, self.st) >= DIRECT_MIN_EFFICIENCY
+
+    def winograd_first(self, dtype) -> bool:
+        """Winograd on BLAS ahead of the direct path: ``auto`` with AVX-512 BLAS kernels, a
+        Winograd layer of at most WINOGRAD_FIRST_MAX_POSITIONS outputs."""
+        return (np.dtype(dtype) == np.float32 and get_gemm() == "auto" and blas_has_avx512()
+                and self.winograd() and self.positions <= WINOGRAD_FIRST_MAX_POSITIONS)
 
     def winograd(self) -> bool:
         """A 2D 3x3 stride-1 undilated ungrouped layer, large enough for Winograd F(2x2, 3x3)."""
@@ -241,6 +254,8 @@ def conv_forward(x, w, stride: Ints, padding: Ints, dilation: Ints, groups: int)
         with single_threaded_blas():
             _pointwise(w5.reshape(geo.K, geo.C), x5.reshape(geo.N, geo.C, -1),
                        y5.reshape(geo.N, geo.K, -1), False, *_choices(x5.dtype))
+    elif geo.winograd_first(x5.dtype):
+        _winograd_forward(x5, w5, geo, y5)
     elif geo.direct_gemm(x5.dtype):
         _direct.forward(x5, w5, geo.st, geo.pd, geo.dl, num_threads(), get_flush_denormals(),
                         y5)
@@ -518,10 +533,13 @@ def conv_backward_weight(gy, x, w_shape: Ints, stride: Ints, padding: Ints, dila
     x5 = as3d(np.asarray(x, dtype=gy5.dtype))
     if geo.empty():
         return np.zeros(geo.w_shape(), dtype=gy5.dtype)
+    winograd_weight = geo.winograd() and min(geo.C, geo.K) >= WINOGRAD_WEIGHT_MIN_CHANNELS
+    if winograd_weight and geo.winograd_first(gy5.dtype):
+        return _winograd_backward_weight(gy5, x5, geo).reshape(geo.w_shape())
     if geo.direct_gemm(gy5.dtype, weight=True):
         return _direct.backward_weight(gy5, x5, geo.ks, geo.st, geo.pd, geo.dl, num_threads(),
                                        get_flush_denormals()).reshape(geo.w_shape())
-    if geo.winograd() and min(geo.C, geo.K) >= WINOGRAD_WEIGHT_MIN_CHANNELS:
+    if winograd_weight:
         return _winograd_backward_weight(gy5, x5, geo).reshape(geo.w_shape())
     maps, valid = geo.maps()
     if geo.direct():
