@@ -1,9 +1,14 @@
 """Fast CPU convolution (2D and 3D): forward, backward data, backward weight, bias.
 
-Algorithms, chosen per call from the shapes:
+Algorithms, chosen per call from the shapes (and, for float32, ``CNNFAST_CPU_GEMM``, see
+:func:`_microkernel.set_gemm`):
 
-- GEMM (most layers): gather a chunk of the input into a column matrix
-  (:func:`_im2col.im2col`), multiply with BLAS: forward ``y = w (K, C*KS) @ cols``,
+- direct (:mod:`._direct`, float32): cnnfast's own microkernel reading the padded input in
+  place, no column matrix: the forward (and so backward-data) at stride 1 and backward-weight
+  at any stride, wherever at most a quarter of the computed positions are padding columns.
+  With AVX-512 BLAS kernels, Winograd goes first on 3x3 layers of at most 32x32 outputs.
+- GEMM: gather a chunk of the input into a column matrix (:func:`_im2col.im2col`), multiply
+  with BLAS or the microkernel (:func:`_microkernel.use_own`): forward ``y = w (K, C*KS) @ cols``,
   backward-weight ``gw += gy (K, N*O) @ cols^T``, backward-data ``gcols = w^T @ gy`` added back
   into gx by :func:`_im2col.col2im_add`. The batch is cut into chunks whose column matrix is
   about 4 MiB, and one Numba parallel loop runs whole chunks per thread (gather, ``np.dot`` on
