@@ -82,18 +82,38 @@ def phase_input(x5: np.ndarray, pd: Ints, st: Ints) -> np.ndarray:
     full = tuple(q * t for q, t in zip(size_q, st))
     phases = st[0] * st[1] * st[2]
     total = N * C * phases * size_q[0] * size_q[1] * size_q[2]
+    if phases == 1:  # the common case, in parallel (a 3D activation is tens of megabytes)
+        flat = np.empty(total + 2 * NR, dtype=np.float32)
+        flat[total:] = 0
+        _pad_into(x5, pd[0], pd[1], pd[2], flat[:total].reshape((N, C) + full))
+        return flat
     flat = np.zeros(total + 2 * NR, dtype=np.float32)
     D, H, W = x5.shape[2:]
-    if phases == 1:
-        xp = flat[:total].reshape((N, C) + full)
-    else:
-        xp = np.zeros((N, C) + full, dtype=np.float32)
+    xp = np.zeros((N, C) + full, dtype=np.float32)
     xp[:, :, pd[0]:pd[0] + D, pd[1]:pd[1] + H, pd[2]:pd[2] + W] = x5
     if phases > 1:
         split = xp.reshape(N, C, size_q[0], st[0], size_q[1], st[1], size_q[2], st[2])
         flat[:total].reshape(N, C, st[0], st[1], st[2], *size_q)[...] = split.transpose(
             0, 1, 3, 5, 7, 2, 4, 6)
     return flat
+
+
+@njit(parallel=True, cache=True)
+def _pad_into(x, pd0, pd1, pd2, out):
+    """out (N, C, Dp, Hp, Wp) = x (N, C, D, H, W) placed at (pd0, pd1, pd2), zeros around it;
+    one task per (n, c) plane."""
+    N, C, D, H, W = x.shape
+    for task in prange(N * C):
+        n = task // C
+        c = task - n * C
+        plane = out[n, c]
+        plane[:, :, :] = 0
+        for d in range(D):
+            for h in range(H):
+                src = x[n, c, d, h]
+                dst = plane[d + pd0, h + pd1]
+                for w in range(W):
+                    dst[w + pd2] = src[w]
 
 
 def tap_offsets(C: int, ks: Ints, dl: Ints, st: Ints, size_q: Ints, rows: int) -> np.ndarray:
